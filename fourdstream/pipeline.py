@@ -1,0 +1,124 @@
+"""How a scan is counted, shared by the offline job and the streaming receiver.
+
+:class:`CountingOptions` holds what the user chose (thresholds or calibration
+settings, references, backend); :class:`ScanCounting` turns it into a working
+counter for one scan on one MPI rank: it loads the references once, calibrates
+the thresholds jointly with the other ranks (or takes fixed ones), and counts
+batches of frames into :class:`~fourdstream.sparse.CountedFrames`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import backend
+from .calibrate import (DEFAULT_BACKGROUND_SIGMA, DEFAULT_SAMPLE_FRAMES, DEFAULT_SAMPLES,
+                        DEFAULT_XRAY_SIGMA, Calibration, calibrate, plan_samples)
+from .counting import ElectronCounter, Thresholds
+from .detector import COMPLETE_MASK
+from .references import load_reference
+from .sparse import CountedFrames
+
+
+@dataclasses.dataclass
+class CountingOptions:
+    """The user's counting choices (see ``fourdstream count --help``).
+
+    Thresholds are fixed when both ``background_threshold`` and
+    ``xray_threshold`` are given (ADU), otherwise calibrated per scan from
+    ``samples`` draws among the first ``sample_frames`` complete frames.
+    """
+
+    background_threshold: float | None = None
+    xray_threshold: float | None = None
+    background_sigma: float = DEFAULT_BACKGROUND_SIGMA
+    xray_sigma: float = DEFAULT_XRAY_SIGMA
+    samples: int = DEFAULT_SAMPLES
+    sample_frames: int = DEFAULT_SAMPLE_FRAMES
+    seed: int = 0
+    dark: str | None = None
+    gain: str | None = None
+    row_dark: str | None = None
+    backend: str = "auto"
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if (self.background_threshold is None) != (self.xray_threshold is None):
+            raise ValueError("give both --background-threshold and --xray-threshold for fixed "
+                             "thresholds, or neither to calibrate them per scan")
+        if self.fixed:
+            Thresholds(self.background_threshold, self.xray_threshold)  # validates
+        if self.samples < 1 or self.sample_frames < 1:
+            raise ValueError("--samples and --sample-frames must be >= 1")
+
+    @property
+    def fixed(self) -> bool:
+        return self.background_threshold is not None
+
+
+def fixed_calibration(options: CountingOptions) -> Calibration:
+    """A :class:`Calibration` record for user-given thresholds (no statistics)."""
+    nan = float("nan")
+    return Calibration(
+        background_threshold=float(options.background_threshold),
+        x_ray_threshold=float(options.xray_threshold), number_of_samples=0,
+        min_sample=nan, max_sample=nan, mean=nan, variance=nan, std_dev=nan, number_of_bins=0,
+        x_ray_threshold_n_sigma=nan, background_threshold_n_sigma=nan, optimized_mean=nan,
+        optimized_std_dev=nan, seed=options.seed, sample_frame_numbers=(), sample_weights=(),
+        threshold_calculated=False)
+
+
+class ScanCounting:
+    """Counting of one scan on one rank.
+
+    Parameters
+    ----------
+    options : CountingOptions
+    comm : mpi4py communicator, optional
+        Ranks that count this scan together (they calibrate jointly).
+    """
+
+    def __init__(self, options: CountingOptions, comm=None):
+        self.options, self.comm = options, comm
+        self.xp, self.backend = backend.select(options.backend)
+        self.dark = load_reference(options.dark, "dark") if options.dark else None
+        self.gain = load_reference(options.gain, "gain") if options.gain else None
+        self.calibration: Calibration | None = fixed_calibration(options) if options.fixed else None
+        self._counter = None
+
+    def _make_counter(self, thresholds=None, xp=np) -> ElectronCounter:
+        return ElectronCounter(thresholds, self.dark, self.gain, row_dark=self.options.row_dark,
+                               xp=xp)
+
+    def plan_samples(self, frame_numbers, masks):
+        """Sample plan ``(frame_numbers, weights)`` from the scan's frame table."""
+        o = self.options
+        return plan_samples(frame_numbers, np.asarray(masks) == COMPLETE_MASK,
+                            number_of_samples=o.samples, sample_frames=o.sample_frames, seed=o.seed)
+
+    def calibrate(self, frames: dict) -> Calibration:
+        """Calibrate jointly with the other ranks (collective over ``comm``).
+
+        ``frames`` maps each planned sample frame number held by this rank to
+        ``(weight, frame (576, 576) uint16)``. Returns the calibration (also kept).
+        """
+        values = self._make_counter().values
+        samples = [(fn, w, values(f[None])[0]) for fn, (w, f) in sorted(frames.items())]
+        self.calibration = calibrate(samples, number_of_samples=self.options.samples,
+                                     seed=self.options.seed,
+                                     background_sigma=self.options.background_sigma,
+                                     xray_sigma=self.options.xray_sigma, comm=self.comm)
+        return self.calibration
+
+    def count(self, frames, frame_number, position, mask) -> CountedFrames:
+        """Count a batch of frames (n, 576, 576) uint16 with the scan's thresholds."""
+        if self.calibration is None:
+            raise RuntimeError("thresholds are not known yet: calibrate() first")
+        if self._counter is None:
+            self._counter = self._make_counter(self.calibration.thresholds, self.xp)
+        events, offsets = self._counter.count(self.xp.asarray(frames))
+        return CountedFrames(backend.to_numpy(events), backend.to_numpy(offsets),
+                             np.asarray(frame_number, np.uint32), np.asarray(position, np.int64),
+                             np.asarray(mask, np.uint8))

@@ -1,0 +1,389 @@
+"""Raw 4D Camera sector files: validated index, frame assembly, and writer.
+
+A scan is stored as many files, one stream per sector ("module") and DAQ writer
+thread, named ``data_scan{scan:010d}_module{m}_dst{d}_file{f}.data``. A file is a
+sequence of ``[16-byte header][one sector payload]`` records and nothing else; the
+sector number comes only from the file name.
+
+Reading is done in two steps so that memory stays bounded for scans larger than RAM:
+
+1. :class:`RawScan` memory-maps every file and reads only the record headers
+   (one page per 166 kB record). Every header is validated; bad records are kept
+   as :class:`BadRecord` entries (file, byte offset, reason) and left out. The
+   valid records are grouped into frames by ``frame_number``.
+2. :meth:`RawScan.read` / :meth:`RawScan.batches` copy the sectors of the
+   requested frames into ``(n, 576, 576)`` arrays. Missing sectors are zeros and
+   are flagged in the per-frame sector mask.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import detector
+from .detector import COMPLETE_MASK, FRAME_SHAPE, N_SECTORS, ScanGeometry
+
+FILENAME_TEMPLATE = "data_scan{scan:010d}_module{module}_dst{dst}_file{file}.data"
+_MODULE_RE = re.compile(r"module(\d+)")
+
+
+class RawFormatError(ValueError):
+    """Raw input that cannot be used at all (no files, no module in a file name, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+    """A record left out of a scan, with where it is and why."""
+
+    path: str
+    offset: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} @ byte {self.offset}: {self.reason}"
+
+
+@dataclasses.dataclass
+class FrameBatch:
+    """Assembled frames and what is known about each.
+
+    Attributes
+    ----------
+    frames : ndarray, (n, 576, 576) uint16
+    frame_number : ndarray, (n,) uint32
+        Detector frame counter of each frame.
+    position : ndarray, (n,) int64
+        Scan position index ``y * width + x``.
+    mask : ndarray, (n,) uint8
+        Sector-presence mask (bit m set when sector m arrived).
+    """
+
+    frames: np.ndarray
+    frame_number: np.ndarray
+    position: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.frame_number)
+
+
+def raw_filename(scan: int, module: int, dst: int = 0, file: int = 0) -> str:
+    """File name the 4D Camera DAQ uses for one sector stream."""
+    return FILENAME_TEMPLATE.format(scan=scan, module=module, dst=dst, file=file)
+
+
+def module_from_filename(path: str | os.PathLike) -> int:
+    """Sector number encoded in a raw file name (``...module{m}...``)."""
+    name = Path(path).name
+    match = _MODULE_RE.search(name)
+    if match is None:
+        raise RawFormatError(
+            f"{path}: no module number in the file name; raw 4D Camera files are named "
+            f"like {raw_filename(1, 0)} (the sector comes only from the name)"
+        )
+    module = int(match.group(1))
+    if module >= N_SECTORS:
+        raise RawFormatError(f"{path}: module {module} in the file name, the detector has "
+                             f"modules 0..{N_SECTORS - 1}")
+    return module
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files named directly plus the ``*.data`` files of named folders, sorted."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.data"))
+            if not found:
+                raise RawFormatError(f"{p}: folder holds no *.data raw files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise RawFormatError(f"{p}: no such file or folder")
+    if not files:
+        raise RawFormatError("no raw files given")
+    return files
+
+
+def _mode(values: np.ndarray):
+    uniq, counts = np.unique(values, return_counts=True)
+    return uniq[np.argmax(counts)]
+
+
+class RawScan:
+    """Index of one scan's raw sector files.
+
+    Parameters
+    ----------
+    paths : files and/or folders
+        The scan's raw files (folders contribute their ``*.data`` files).
+    version : {4, 5}
+        Header version, which fixes the sector layout.
+    scan_number : int, optional
+        Which scan to take when the files hold several; default the most common.
+    geometry : ScanGeometry, optional
+        Expected scan geometry. By default the most common header scan size is
+        used; give it to validate against a known scan or to set
+        ``frames_per_position`` / ``flyback``.
+
+    Attributes
+    ----------
+    bad_records : list of BadRecord
+        Records left out, with file, byte offset and reason.
+    duplicates : int
+        Sectors received more than once for the same frame (first kept).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], *, version: int = 5,
+                 scan_number: int | None = None, geometry: ScanGeometry | None = None):
+        self.version = version
+        self._rec_dtype = detector.record_dtype(version)
+        self.files = expand_paths(paths)
+        self.bad_records: list[BadRecord] = []
+        self.duplicates = 0
+        modules = [module_from_filename(f) for f in self.files]
+        self._maps: list[np.memmap | None] = []
+        headers, file_ids = [], []
+        rec_size = self._rec_dtype.itemsize
+        for i, path in enumerate(self.files):
+            size = path.stat().st_size
+            n = size // rec_size
+            if size % rec_size:
+                self.bad_records.append(BadRecord(
+                    str(path), n * rec_size,
+                    f"truncated record: {size % rec_size} of {rec_size} bytes (v{version} record)"))
+            mm = np.memmap(path, dtype=self._rec_dtype, mode="r", shape=(n,)) if n else None
+            self._maps.append(mm)
+            if n:
+                headers.append(np.array(mm["header"]))
+                file_ids.append(np.full(n, i, dtype=np.int32))
+        if not headers:
+            raise RawFormatError(f"no complete records in {len(self.files)} raw file(s)")
+        hdr = np.concatenate(headers)
+        file_id = np.concatenate(file_ids)
+        record = np.concatenate([np.arange(len(h), dtype=np.int64) for h in headers])
+        module = np.asarray(modules, dtype=np.int8)[file_id]
+
+        self.scan_number = int(_mode(hdr["scan_number"]) if scan_number is None else scan_number)
+        ok = hdr["scan_number"] == self.scan_number
+        self._reject(~ok, file_id, record, lambda j: (
+            f"scan_number {hdr['scan_number'][j]} in header, this is scan {self.scan_number}"))
+        if not ok.any():
+            raise RawFormatError(f"no records of scan {self.scan_number} in the raw files")
+        if geometry is None:
+            sizes = hdr["scan_width"][ok].astype(np.int64) << 16 | hdr["scan_height"][ok]
+            size = int(_mode(sizes))
+            if size >> 16 == 0 or size & 0xFFFF == 0:
+                raise RawFormatError("the raw headers give a scan size of zero; "
+                                     "pass the scan geometry explicitly")
+            geometry = ScanGeometry(size >> 16, size & 0xFFFF)
+        self.geometry = geometry
+        bad_size = ok & ((hdr["scan_width"] != geometry.width) | (hdr["scan_height"] != geometry.height))
+        self._reject(bad_size, file_id, record, lambda j: (
+            f"scan size {hdr['scan_width'][j]}x{hdr['scan_height'][j]} in header, "
+            f"the scan is {geometry.width}x{geometry.height}"))
+        ok &= ~bad_size
+        outside = ok & ((hdr["x"] >= geometry.width) | (hdr["y"] >= geometry.height))
+        self._reject(outside, file_id, record, lambda j: (
+            f"position x={hdr['x'][j]} y={hdr['y'][j]} outside the "
+            f"{geometry.width}x{geometry.height} scan"))
+        ok &= ~outside
+
+        self._build_frames(hdr[ok], file_id[ok], record[ok], module[ok])
+        self.modules_present = sorted(set(modules))
+
+    def _reject(self, bad: np.ndarray, file_id, record, reason) -> None:
+        rec_size = self._rec_dtype.itemsize
+        for j in np.flatnonzero(bad):
+            self.bad_records.append(BadRecord(
+                str(self.files[file_id[j]]), int(record[j]) * rec_size, reason(j)))
+
+    def _build_frames(self, hdr, file_id, record, module) -> None:
+        frame_number = hdr["frame_number"].astype(np.int64)
+        position = self.geometry.position(hdr["x"], hdr["y"])
+        # First occurrence of each (frame, module) wins; later ones are duplicates.
+        order = np.lexsort((np.arange(len(hdr)), module, frame_number))
+        fn, mod = frame_number[order], module[order]
+        first = np.ones(len(order), bool)
+        first[1:] = (fn[1:] != fn[:-1]) | (mod[1:] != mod[:-1])
+        self.duplicates = int((~first).sum())
+        order = order[first]
+        fn, mod, pos = frame_number[order], module[order], position[order]
+        starts = np.flatnonzero(np.r_[True, fn[1:] != fn[:-1]])
+        frame_of_record = np.cumsum(np.r_[False, fn[1:] != fn[:-1]])
+        # A frame's position is its first sector's; sectors that disagree are bad records.
+        frame_pos = pos[starts]
+        disagree = pos != frame_pos[frame_of_record]
+        for j in np.flatnonzero(disagree):
+            r = order[j]
+            x, y = self.geometry.xy(pos[j])
+            fx, fy = self.geometry.xy(frame_pos[frame_of_record[j]])
+            self.bad_records.append(BadRecord(
+                str(self.files[file_id[r]]), int(record[r]) * self._rec_dtype.itemsize,
+                f"frame {fn[j]}: position x={x} y={y} disagrees with its other sectors' "
+                f"x={fx} y={fy}"))
+        keep = ~disagree
+        self.frame_number = fn[starts].astype(np.uint32)
+        self.position = frame_pos
+        n = len(starts)
+        self._loc = np.full((n, N_SECTORS, 2), -1, dtype=np.int64)  # (file id, record)
+        f, m = frame_of_record[keep], mod[keep]
+        self._loc[f, m, 0] = file_id[order[keep]]
+        self._loc[f, m, 1] = record[order[keep]]
+        self.mask = np.zeros(n, dtype=np.uint8)
+        np.bitwise_or.at(self.mask, f, (1 << m).astype(np.uint8))
+        # Order frames by position, then frame number (the order of the output file).
+        by_pos = np.lexsort((self.frame_number, self.position))
+        self.frame_number, self.position = self.frame_number[by_pos], self.position[by_pos]
+        self.mask, self._loc = self.mask[by_pos], self._loc[by_pos]
+        per_position = int(np.bincount(self.position).max()) if n else 1
+        if per_position > self.geometry.frames_per_position:
+            self.geometry = dataclasses.replace(self.geometry, frames_per_position=per_position)
+
+    def label_flyback(self, flyback: bool) -> None:
+        """Record whether the scan's last column is a flyback column."""
+        self.geometry = dataclasses.replace(self.geometry, flyback=flyback and self.geometry.width > 1)
+
+    # -- summary ------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Number of frames with at least one valid sector."""
+        return len(self.frame_number)
+
+    @property
+    def n_complete(self) -> int:
+        return int((self.mask == COMPLETE_MASK).sum())
+
+    @property
+    def n_incomplete(self) -> int:
+        return len(self) - self.n_complete
+
+    def summary(self) -> dict:
+        """Plain-data summary of what the files hold and what was left out."""
+        g = self.geometry
+        return {
+            "files": len(self.files),
+            "scan_number": self.scan_number,
+            "scan_width": g.width,
+            "scan_height": g.height,
+            "frames_found": len(self),
+            "frames_complete": self.n_complete,
+            "frames_incomplete": self.n_incomplete,
+            "positions_without_frames": int(g.n_positions - len(np.unique(self.position))),
+            "modules_without_files": [m for m in range(N_SECTORS) if m not in self.modules_present],
+            "duplicate_sectors": self.duplicates,
+            "bad_records": len(self.bad_records),
+        }
+
+    # -- reading ------------------------------------------------------------------
+    def read(self, index: np.ndarray | slice) -> FrameBatch:
+        """Assemble the frames ``index`` (into the position-ordered frame table).
+
+        Returns a :class:`FrameBatch`; missing sectors are zero-filled.
+        """
+        idx = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        out = np.zeros((len(idx),) + FRAME_SHAPE, dtype=detector.PIXEL_DTYPE)
+        loc = self._loc[idx]
+        for m in range(N_SECTORS):
+            target = out[(slice(None),) + detector.sector_slice(m, self.version)]
+            files = loc[:, m, 0]
+            for f in np.unique(files[files >= 0]):
+                rows = np.flatnonzero(files == f)
+                target[rows] = self._maps[f]["data"][loc[rows, m, 1]]
+        return FrameBatch(out, self.frame_number[idx], self.position[idx], self.mask[idx])
+
+    def batches(self, batch_size: int = 64, index: np.ndarray | None = None) -> Iterator[FrameBatch]:
+        """Yield :class:`FrameBatch` of at most ``batch_size`` frames (bounded memory)."""
+        idx = np.arange(len(self)) if index is None else np.asarray(index)
+        for start in range(0, len(idx), batch_size):
+            yield self.read(idx[start:start + batch_size])
+
+
+class RawScanWriter:
+    """Write one scan as raw sector files, as the DAQ does.
+
+    Frame ``k`` of the scan goes to writer thread ``dst = k % n_dst`` of every
+    module; each writer starts a new file every ``frames_per_file`` records.
+
+    Parameters
+    ----------
+    outdir : path
+        Folder to write into (created if needed).
+    scan_number : int
+    geometry : ScanGeometry
+    n_dst : int
+        DAQ writer threads per module (files per module run in parallel).
+    frames_per_file : int
+        Records per file before the writer moves to the next file.
+    overwrite : bool
+        Replace existing files of the same scan; without it they are an error.
+    """
+
+    def __init__(self, outdir, scan_number: int, geometry: ScanGeometry, *, version: int = 5,
+                 n_dst: int = 2, frames_per_file: int = 1024, overwrite: bool = False):
+        self.outdir = Path(outdir)
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.outdir.glob(f"data_scan{scan_number:010d}_module*.data"))
+        if existing and not overwrite:
+            raise FileExistsError(f"{self.outdir} already holds {len(existing)} raw files of scan "
+                                  f"{scan_number}; choose another folder or allow overwriting")
+        for p in existing:
+            p.unlink()
+        self.scan_number, self.geometry, self.version = scan_number, geometry, version
+        self.n_dst, self.frames_per_file = n_dst, frames_per_file
+        self._rec_dtype = detector.record_dtype(version)
+        self._handles: dict[tuple[int, int, int], object] = {}
+        self._written = collections.Counter()  # records per (module, dst)
+        self.paths: list[Path] = []
+
+    def write(self, frames: np.ndarray, frame_number: np.ndarray, position: np.ndarray) -> None:
+        """Append frames ``(n, 576, 576)`` with their frame numbers and positions."""
+        x, y = self.geometry.xy(position)
+        header = np.zeros(len(frames), detector.HEADER_DTYPE)
+        header["scan_number"] = self.scan_number
+        header["frame_number"] = frame_number
+        header["scan_width"], header["scan_height"] = self.geometry.width, self.geometry.height
+        header["x"], header["y"] = x, y
+        sectors = detector.split_sectors(frames, self.version)
+        records = np.empty(len(frames), self._rec_dtype)
+        records["header"] = header
+        dst = np.asarray(frame_number, dtype=np.int64) % self.n_dst
+        for m in range(N_SECTORS):
+            records["data"] = sectors[m]
+            for d in map(int, np.unique(dst)):
+                chunk = records[dst == d]
+                while len(chunk):
+                    room = self.frames_per_file - self._written[m, d] % self.frames_per_file
+                    self._handle(m, d).write(chunk[:room].tobytes())
+                    self._written[m, d] += len(chunk[:room])
+                    chunk = chunk[room:]
+
+    def _handle(self, module: int, dst: int):
+        file = self._written[module, dst] // self.frames_per_file
+        key = (module, dst, file)
+        if key not in self._handles:
+            old = (module, dst, file - 1)
+            if old in self._handles:
+                self._handles.pop(old).close()
+            path = self.outdir / raw_filename(self.scan_number, module, dst, file)
+            self.paths.append(path)
+            self._handles[key] = open(path, "wb")
+        return self._handles[key]
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

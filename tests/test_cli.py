@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fourdstream.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_help_lists_commands_and_each_command_has_help():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    commands = list(main.commands)
+    assert {"simulate", "count"} <= set(commands)
+    for name in commands:
+        r = invoke(name, "--help")
+        assert r.exit_code == 0 and "Usage:" in r.output, name
+
+
+def test_simulate_then_count(tmp_path):
+    raw = tmp_path / "raw"
+    r = invoke("simulate", raw, "--scan", "6x4", "--dose", "100", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    assert "7x4 positions incl. flyback column" in r.output
+    assert len(list(raw.glob("data_scan0000000001_module*_dst*_file*.data"))) == 8
+    out = tmp_path / "counted.npz"
+    r = invoke("count", raw, "-o", out, "--samples", "50", "--sample-frames", "5")
+    assert r.exit_code == 0, r.output
+    assert "28 complete" in r.output and "calibrated" in r.output
+    with np.load(out) as z:
+        assert len(z["frame_number"]) == 28 and z["offsets"][-1] == len(z["events"]) > 0
+
+
+def test_count_with_fixed_thresholds_matches_the_kernel(small_scan, tmp_path):
+    from fourdstream.counting import ElectronCounter, Thresholds
+
+    folder, frames, _ = small_scan
+    out = tmp_path / "c.npz"
+    r = invoke("count", folder, "-o", out, "--bg", 30, "--xr", 700, "--batch-size", 7)
+    assert r.exit_code == 0, r.output and "fixed" in r.output
+    events, offsets = ElectronCounter(Thresholds(30, 700)).count(frames)
+    with np.load(out) as z:
+        assert np.array_equal(z["events"], events) and np.array_equal(z["offsets"], offsets)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bg", "3"], "give both"),
+    (["--bg", "30", "--xr", "10"], "must exceed"),
+    (["--dark", "missing.npy"], "no such file"),
+    (["--backend", "gpu"], "--backend gpu"),
+])
+def test_count_errors_are_one_line_with_exit_code_1(small_scan, tmp_path, args, message):
+    folder, _, _ = small_scan
+    if "--backend" in args:
+        cupy = pytest.importorskip("cupy", reason="without CuPy the gpu error is tested too")
+    r = invoke("count", folder, "-o", tmp_path / "x.npz", *args)
+    assert r.exit_code == 1 and message in r.output
+    assert r.output.count("\n") == 1 and r.output.startswith("Error:")
+
+
+def test_existing_output_is_not_overwritten(small_scan, tmp_path):
+    folder, _, _ = small_scan
+    out = tmp_path / "keep.npz"
+    out.write_bytes(b"precious")
+    r = invoke("count", folder, "-o", out, "--bg", 30, "--xr", 700)
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    assert out.read_bytes() == b"precious"
+
+
+def test_bad_scan_size_is_a_usage_error(tmp_path):
+    r = invoke("simulate", tmp_path, "--scan", "64")
+    assert r.exit_code == 1 and "WIDTHxHEIGHT" in r.output

@@ -1,0 +1,187 @@
+import numpy as np
+import pytest
+
+from fourdstream.counting import ElectronCounter, Thresholds
+from fourdstream.detector import ScanGeometry
+from fourdstream.simulate import DetectorModel, Simulator
+
+from conftest import stempy_events
+
+BG, XR = 28.0, 600.0
+
+
+def dense_reference(frames, bg, xr, dark=None, gain=None):
+    """Straightforward whole-frame implementation of the rule, for cross-checks."""
+    raw = frames.astype(np.float64)
+    if gain is None:
+        v = raw - (0 if dark is None else np.trunc(dark))
+    else:
+        v = ((frames.astype(np.float32) - np.float32(0 if dark is None else dark))
+             * (np.float32(1) / gain.astype(np.float32))).astype(np.float64)
+    v = np.maximum(v, 0)
+    v = np.where((v > bg) & (v < xr), v, 0)
+    padded = np.pad(v, ((0, 0), (1, 1), (1, 1)))  # outside the frame counts as 0
+    is_max = v > 0
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr or dc:
+                is_max &= v > padded[:, 1 + dr:577 + dr, 1 + dc:577 + dc]
+    return [np.flatnonzero(m) for m in is_max]
+
+
+def events_per_frame(counter, frames):
+    events, offsets = counter.count(frames)
+    return [events[offsets[i]:offsets[i + 1]] for i in range(len(frames))]
+
+
+@pytest.fixture(scope="module")
+def frames_by_dose():
+    out = {}
+    for dose in (40, 400):
+        sim = Simulator(ScanGeometry(6, 2), dose=dose, seed=dose, pattern="disc")
+        out[dose] = (sim.frames(0, 12)[0], sim.dark)
+    return out
+
+
+@pytest.mark.parametrize("dose", [40, 400])
+@pytest.mark.parametrize("with_dark", [False, True])
+def test_events_equal_stempy(frames_by_dose, dose, with_dark):
+    frames, dark = frames_by_dose[dose]
+    dark = dark if with_dark else None
+    if dark is not None:
+        assert not np.all(dark == np.trunc(dark))  # a real float dark, not integers
+    kw = {} if dark is None else {"darkreference": dark}
+    ours = events_per_frame(ElectronCounter(Thresholds(BG - 10 * with_dark, XR), dark), frames)
+    for i, frame in enumerate(frames):
+        ref = stempy_events(frame, background_threshold=BG - 10 * with_dark, xray_threshold=XR, **kw)
+        assert np.array_equal(ours[i], ref), f"frame {i}"
+    assert sum(map(len, ours)) > 10 * len(frames)
+
+
+def test_events_equal_stempy_with_gain(frames_by_dose):
+    frames, dark = frames_by_dose[400]
+    gain = np.random.default_rng(1).uniform(0.8, 1.25, (576, 576)).astype(np.float32)
+    ours = events_per_frame(ElectronCounter(Thresholds(15.5, XR), dark, gain), frames)
+    for i, frame in enumerate(frames[:6]):
+        ref = stempy_events(frame, darkreference=dark, gain=gain, background_threshold=15.5,
+                            xray_threshold=XR)
+        assert np.array_equal(ours[i], ref), f"frame {i}"
+
+
+def _blank():
+    return np.zeros((1, 576, 576), np.uint16)
+
+
+def _handmade_cases():
+    cases = {}
+    f = _blank()
+    f[0, 100, 100:102] = 90          # plateau of two: no event
+    f[0, 200, 200] = 90              # a lone maximum: event
+    f[0, 201, 201] = 90              # its diagonal twin: a tie, neither is an event
+    f[0, 300, 300] = 70
+    f[0, 300, 301] = 69              # strictly lower neighbour: 300,300 is the event
+    cases["plateaus"] = (f, [300 * 576 + 300])
+    f = _blank()
+    spots = [(0, 0), (0, 575), (575, 0), (575, 575), (0, 300), (575, 301), (302, 0), (303, 575)]
+    for r, c in spots:
+        f[0, r, c] = 80
+    cases["borders_and_corners"] = (f, sorted(r * 576 + c for r, c in spots))
+    f = _blank()
+    f[0, 50, 50] = 5000              # x-ray: zeroed ...
+    f[0, 50, 51] = 120               # ... so its bright neighbour becomes an event
+    f[0, 400, 400] = XR              # exactly xr: dropped (strict)
+    f[0, 401, 401] = BG              # exactly bg: dropped (strict)
+    f[0, 402, 403] = BG + 1          # just above bg: event
+    cases["xray_and_strict_thresholds"] = (f, [50 * 576 + 51, 402 * 576 + 403])
+    cases["all_zero"] = (_blank(), [])
+    cases["saturated"] = (np.full((1, 576, 576), 0xFFFF, np.uint16), [])
+    return cases
+
+
+@pytest.mark.parametrize("name", list(_handmade_cases()))
+def test_handmade_edge_cases(name):
+    frame, expected = _handmade_cases()[name]
+    (ours,) = events_per_frame(ElectronCounter(Thresholds(BG, XR)), frame)
+    assert ours.tolist() == expected
+    assert stempy_events(frame[0], background_threshold=BG, xray_threshold=XR).tolist() == expected
+
+
+def test_dark_is_truncated_before_subtraction_like_the_reference():
+    frame = _blank()
+    frame[0, 10, 10] = 40
+    frame[0, 10, 11] = 40
+    dark = np.zeros((576, 576), np.float32)
+    dark[10, 10], dark[10, 11] = 0.3, 0.6   # float subtraction would break the tie
+    (ours,) = events_per_frame(ElectronCounter(Thresholds(5, XR), dark), frame)
+    assert ours.tolist() == []
+    assert stempy_events(frame[0], darkreference=dark, background_threshold=5,
+                         xray_threshold=XR).tolist() == []
+
+
+@pytest.mark.parametrize("use_gain", [False, True])
+def test_random_frames_match_dense_reference(use_gain):
+    rng = np.random.default_rng(7)
+    frames = rng.poisson(20, (5, 576, 576)).astype(np.uint16)
+    frames[:, ::37, ::41] += rng.integers(0, 300, frames[:, ::37, ::41].shape).astype(np.uint16)
+    dark = rng.uniform(0, 25, (576, 576)).astype(np.float32)
+    gain = rng.uniform(0.5, 2, (576, 576)).astype(np.float32) if use_gain else None
+    counter = ElectronCounter(Thresholds(3.5, 250.0), dark, gain, chunk=2)
+    for ours, ref in zip(events_per_frame(counter, frames), dense_reference(frames, 3.5, 250.0, dark, gain)):
+        assert np.array_equal(ours, ref)
+
+
+def test_row_dark_matches_its_definition():
+    rng = np.random.default_rng(8)
+    frames = rng.poisson(30, (2, 576, 576)).astype(np.uint16)
+    frames[:, 100:110, :288] += 15  # a bright half-row band, removed by the correction
+    counter = ElectronCounter(Thresholds(25.0, 500.0), row_dark="mean", optimized_mean=20.0)
+    halves = frames.astype(np.float32).reshape(2, 576, 2, 288)
+    expected_values = (halves * (np.float32(20.0) / halves.mean(axis=3))[..., None]).reshape(2, 576, 576)
+    assert np.allclose(counter.values(frames), expected_values, rtol=1e-6)
+    v = np.where((expected_values > 25) & (expected_values < 500), expected_values, 0)
+    padded = np.pad(v, ((0, 0), (1, 1), (1, 1)))
+    is_max = v > 0
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr or dc:
+                is_max &= v > padded[:, 1 + dr:577 + dr, 1 + dc:577 + dc]
+    for ours, ref in zip(events_per_frame(counter, frames), is_max):
+        assert np.array_equal(ours, np.flatnonzero(ref))
+
+
+def test_batching_and_chunking_do_not_change_results(frames_by_dose):
+    frames, dark = frames_by_dose[400]
+    whole = events_per_frame(ElectronCounter(Thresholds(BG, XR), dark, chunk=5), frames)
+    single = [events_per_frame(ElectronCounter(Thresholds(BG, XR), dark), f[None])[0] for f in frames]
+    assert all(np.array_equal(a, b) for a, b in zip(whole, single))
+    events, offsets = ElectronCounter(Thresholds(BG, XR)).count(frames[:0])
+    assert len(events) == 0 and offsets.tolist() == [0]
+
+
+def test_accuracy_against_ground_truth(capsys):
+    """Recall and precision of counting (within 1 px) on simulated electrons."""
+    model = DetectorModel(xray_probability=0)
+    sim = Simulator(ScanGeometry(20, 1), dose=150, seed=9, model=model)
+    frames, truth = sim.frames(0, 20)
+    per_frame = events_per_frame(ElectronCounter(Thresholds(28.0, 2000.0), sim.dark), frames)
+    found = matched_events = n_events = 0
+    for i, events in enumerate(per_frame):
+        t = np.stack(np.divmod(truth.frame(i).astype(int), 576), axis=1)
+        e = np.stack(np.divmod(events.astype(int), 576), axis=1)
+        dist = np.abs(t[:, None, :] - e[None, :, :]).max(axis=2)  # Chebyshev, pixels
+        found += (dist.min(axis=1) <= 1).sum()
+        matched_events += (dist.min(axis=0) <= 1).sum()
+        n_events += len(e)
+    recall, precision = found / len(truth.pixels), matched_events / n_events
+    with capsys.disabled():
+        print(f"\n  counting accuracy at 150 e-/frame: recall {recall:.3f}, precision {precision:.3f}")
+    assert recall > 0.85 and precision > 0.9
+
+
+def test_thresholds_are_validated():
+    with pytest.raises(ValueError, match="exceed"):
+        Thresholds(100, 50)
+    with pytest.raises(ValueError, match="finite"):
+        Thresholds(float("nan"), 50)
+    with pytest.raises(ValueError, match="no thresholds"):
+        ElectronCounter().count(_blank())
