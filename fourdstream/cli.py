@@ -20,7 +20,13 @@ from .detector import ScanGeometry, parse_scan_size
 
 
 class _Group(click.Group):
-    """Turns expected failures into one-line errors and exit code 1."""
+    """Turns expected failures into one-line errors and exit code 1.
+
+    In an MPI job of several ranks, an error every rank raised together (a
+    :class:`~fourdstream.writer.WriteError`) is printed once by rank 0; any other
+    error is printed by its rank, which then aborts the job so that no rank is
+    left waiting in a collective call.
+    """
 
     def invoke(self, ctx):
         try:
@@ -30,7 +36,25 @@ class _Group(click.Group):
         except (ValueError, RuntimeError, OSError) as exc:
             if os.environ.get("FOURDSTREAM_DEBUG"):
                 raise
-            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+            message = f"{type(exc).__name__}: {exc}"
+            world = _mpi_world()
+            if world is None or world.size == 1:
+                raise click.ClickException(message) from None
+            from .writer import WriteError
+            if isinstance(exc, WriteError):
+                if world.rank == 0:
+                    click.echo(f"Error: {message}", err=True)
+                ctx.exit(1)
+            click.echo(f"Error (rank {world.rank}): {message}", err=True)
+            world.Abort(1)
+
+
+def _mpi_world():
+    """MPI.COMM_WORLD if this process already initialised MPI, else None."""
+    if "mpi4py.MPI" not in sys.modules:
+        return None
+    from mpi4py import MPI
+    return MPI.COMM_WORLD if MPI.Is_initialized() and not MPI.Is_finalized() else None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -150,7 +174,7 @@ def simulate(outdir, scan, dose, seed, frames_per_position, flyback, pattern, sc
 @main.command()
 @click.argument("raw", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Counted output file (.npz).")
+              help="Counted HDF5 file (stempy version-3 layout + fourdstream's own).")
 @click.option("--version", "file_version", type=click.Choice(["4", "5"]), default="5",
               show_default=True, help="Raw header version (sector layout).")
 @click.option("--flyback/--no-flyback", default=True, show_default=True,
@@ -158,55 +182,150 @@ def simulate(outdir, scan, dose, seed, frames_per_position, flyback, pattern, sc
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @counting_options
 def count(raw, output, file_version, flyback, overwrite, **kw):
-    """Count electrons in a raw scan (files or folders of .data files).
+    """Count electrons in a raw scan (files or folders of .data files) into one HDF5 file.
 
-    With no thresholds given, they are calibrated from the scan (NCEM
-    production settings by default, seeded so runs agree).
+    Runs on one process or on all ranks of an MPI job (mpiexec -n N fourdstream
+    count ..., or srun): ranks share the scan by blocks of positions, calibrate
+    thresholds jointly (or take fixed ones) and write the file collectively.
+    With no thresholds given they are calibrated from the scan (NCEM production
+    settings by default, seeded so that runs agree).
     """
-    import numpy as np
+    from mpi4py import MPI
 
     from .offline import count_raw_scan
     from .progress import Progress
     from .rawfile import RawScan
+    from .writer import WriteError, write_counted_scan
 
+    comm = MPI.COMM_WORLD
     options = make_counting_options(kw)
     out = Path(output)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if comm.rank == 0 and out.exists() and not overwrite:
+        error = f"{out} exists; pass --overwrite to replace it"
+    else:
+        error = None
+    if comm.bcast(error, root=0):   # checked before hours of counting, not after
+        raise WriteError(error)
     t0 = time.perf_counter()
     scan = RawScan(raw, version=int(file_version))
     scan.label_flyback(flyback)
-    progress = Progress(len(scan), "frames")
-    result = count_raw_scan(scan, options, progress=progress)
+    progress = Progress(len(scan), "frames", enabled=comm.rank == 0)
+    result = count_raw_scan(scan, options, comm=comm,
+                            progress=lambda n: progress(n * comm.size))
     progress.close()
-    counted, cal = result.counted, result.calibration
-    np.savez(out, events=counted.events, offsets=counted.offsets,
-             frame_number=counted.frame_number, position=counted.position, mask=counted.mask,
-             scan_shape=np.array(result.scan.geometry.shape))
-    dt = time.perf_counter() - t0
-    _print_count_summary(result, out, dt)
+    provenance = offline_provenance(result, options, comm)
+    report = write_counted_scan(out, result.counted, scan.geometry,
+                                electron_counting=result.calibration.as_dict(),
+                                provenance=provenance, comm=comm, overwrite=overwrite)
+    if comm.rank == 0:
+        _print_count_summary(result, report, provenance, time.perf_counter() - t0)
 
 
-def _print_count_summary(result, out, seconds: float) -> None:
-    counted, cal, s = result.counted, result.calibration, result.scan.summary()
+def offline_provenance(result, options, comm) -> dict:
+    """``/metadata/fourdstream`` of a file counted from raw files."""
+    from .pipeline import counting_provenance
+
+    s = result.scan.summary()
+    expected = result.scan.geometry.n_frames
+    return dict(
+        counting_provenance(options, result.calibration, result.backend),
+        source="raw files", raw_files=len(result.scan.files), scan_number=s["scan_number"],
+        frames_expected=expected, frames_found=s["frames_found"],
+        frames_complete=s["frames_complete"], frames_incomplete=s["frames_incomplete"],
+        frames_missing=max(expected - s["frames_found"], 0),
+        duplicate_sectors=s["duplicate_sectors"], bad_records=s["bad_records"],
+        ranks=comm.size,
+        timings={k: comm.allreduce(v, op=_max()) for k, v in result.timings.items()})
+
+
+def _max():
+    from mpi4py import MPI
+    return MPI.MAX
+
+
+def _print_count_summary(result, report, provenance: dict, seconds: float) -> None:
+    cal = result.calibration
+    n = provenance["frames_found"]
     how = "calibrated" if cal.threshold_calculated else "fixed"
-    _summary(f"counted scan {s['scan_number']} -> {out}", {
+    count_s = provenance["timings"]["count"]
+    _summary(f"counted scan {provenance['scan_number']} -> {report.path}", {
         "scan": result.scan.geometry.describe(),
-        "frames": f"{len(counted):,} ({s['frames_complete']:,} complete, "
-                  f"{s['frames_incomplete']:,} incomplete, "
-                  f"{s['positions_without_frames']:,} positions without frames)",
-        "events": f"{counted.n_events:,} ({counted.n_events / max(len(counted), 1):.1f}/frame)",
+        "frames": f"{n:,} ({provenance['frames_complete']:,} complete, "
+                  f"{provenance['frames_incomplete']:,} incomplete, "
+                  f"{provenance['frames_missing']:,} missing)",
+        "events": f"{report.n_events:,} ({report.n_events / max(n, 1):.1f}/frame)",
         "thresholds": f"background {cal.background_threshold:.2f}, x-ray "
                       f"{cal.x_ray_threshold:.1f} ADU ({how})",
-        "bad records": f"{s['bad_records']} (+{s['duplicate_sectors']} duplicate sectors)",
-        "backend": result.backend,
-        "time": f"{seconds:.2f} s ({len(counted) / max(result.timings['count'], 1e-9):,.0f} "
-                f"frames/s counting)",
+        "bad records": f"{provenance['bad_records']} (+{provenance['duplicate_sectors']} "
+                       f"duplicate sectors)",
+        "ranks": f"{provenance['ranks']} ({result.backend})",
+        "time": f"{seconds:.2f} s: counting {n / max(count_s, 1e-9):,.0f} frames/s, write "
+                f"{report.seconds_collective:.2f} s "
+                f"({'parallel HDF5' if report.parallel else 'serial h5py, rank by rank'}), "
+                f"stempy view {report.seconds_stempy_view:.2f} s",
     })
     for bad in result.scan.bad_records[:10]:
         click.echo(f"  bad record: {bad}", err=True)
     if len(result.scan.bad_records) > 10:
         click.echo(f"  ... and {len(result.scan.bad_records) - 10} more bad records", err=True)
+    click.echo(f"open it with: fourdstream inspect {report.path}   or in Python: "
+               f"stempy.io.SparseArray.from_hdf5({str(report.path)!r})")
+
+
+# -- inspect ----------------------------------------------------------------------
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--png", type=click.Path(dir_okay=False), default=None,
+              help="Save the summed-counts (bright-field) image as a PNG.")
+def inspect(file, png):
+    """Summarise a counted HDF5 file (fourdstream's or stempy's)."""
+    from .io import open_counted
+
+    scan = open_counted(file)
+    loss = scan.loss_summary()
+    meta = scan.metadata.get("fourdstream", {})
+    ec = scan.metadata.get("electron_counting", {})
+    rows = {
+        "source": scan.source,
+        "scan": f"{scan.scan_shape[1]}x{scan.scan_shape[0]} positions (width x height)"
+                + (" incl. flyback column" if meta.get("flyback") else ""),
+        "frames/position": scan.frames_per_position,
+        "frame shape": "x".join(map(str, scan.frame_shape)),
+        "events": f"{scan.n_events:,} ({scan.n_events / max(loss['slots'] - loss['empty'], 1):.1f}"
+                  f"/frame)",
+        "frames": f"{loss['complete']:,} complete, {loss['incomplete']:,} incomplete, "
+                  f"{loss['empty']:,} empty slots",
+    }
+    if "background_threshold" in ec:
+        how = "calibrated" if ec.get("threshold_calculated") else "fixed"
+        rows["thresholds"] = (f"background {ec['background_threshold']:.2f}, x-ray "
+                              f"{ec['x_ray_threshold']:.1f} ADU ({how})")
+    for key in ("scan_number", "ranks", "backend", "dark", "gain", "fourdstream_version"):
+        if key in meta:
+            rows[key.replace("_", " ")] = meta[key]
+    _summary(f"{file}", rows)
+    if png:
+        _save_png(scan.counts_image(), png, f"{Path(file).name}: events per position")
+        click.echo(f"summed-counts image -> {png}")
+
+
+def _save_png(image, path, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--png needs matplotlib: pip install 'fourdstream[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / max(image.shape[1], 1) + 0.6))
+    im = ax.imshow(image, cmap="gray", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="electrons")
+    ax.set_title(title)
+    ax.set_xlabel("x (scan column)")
+    ax.set_ylabel("y (scan row)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # -- demo -------------------------------------------------------------------------
@@ -222,7 +341,7 @@ def demo(scan, dose, output, seed):
     ctx = click.get_current_context()
     raw = Path(output) / "raw"
     ctx.invoke(simulate, outdir=str(raw), scan=scan, dose=dose, seed=seed, overwrite=True)
-    counted = Path(output) / "scan1.npz"
+    counted = Path(output) / "scan1.h5"
     ctx.invoke(count, raw=(str(raw),), output=str(counted), overwrite=True)
 
 

@@ -1,9 +1,10 @@
 """Counting a scan from raw sector files, on one process or on all ranks of an MPI job.
 
-Every rank indexes the scan's headers (cheap: one page per record), takes a
-contiguous block of the position-ordered frame table (so that its part of the
-output file is one contiguous slab), reads the sample frames it holds for the
-joint threshold calibration, and counts its block in batches.
+Every rank indexes the scan's headers (cheap: one page per record), takes the
+frames of its block of scan positions (so that its part of the output file is one
+contiguous slab, see :meth:`ScanGeometry.position_blocks`), reads the sample
+frames it holds for the joint threshold calibration, and counts its frames in
+batches.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def count_raw_scan(scan: RawScan, options: CountingOptions, *, comm=None,
     """
     t0 = time.perf_counter()
     size, rank = (comm.size, comm.rank) if comm is not None else (1, 0)
-    mine = np.array_split(np.arange(len(scan)), size)[rank]
+    lo, hi = scan.geometry.position_blocks(size)[rank:rank + 2]
+    mine = np.arange(*np.searchsorted(scan.position, [lo, hi]))  # frames are position-ordered
     counting = ScanCounting(options, comm)
     t1 = time.perf_counter()
     if counting.calibration is None:

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from . import backend
+from . import __version__, backend
 from .calibrate import (DEFAULT_BACKGROUND_SIGMA, DEFAULT_SAMPLE_FRAMES, DEFAULT_SAMPLES,
                         DEFAULT_XRAY_SIGMA, Calibration, calibrate, plan_samples)
 from .counting import ElectronCounter, Thresholds
@@ -68,6 +68,16 @@ def fixed_calibration(options: CountingOptions) -> Calibration:
         x_ray_threshold_n_sigma=nan, background_threshold_n_sigma=nan, optimized_mean=nan,
         optimized_std_dev=nan, seed=options.seed, sample_frame_numbers=(), sample_weights=(),
         threshold_calculated=False)
+
+
+def counting_provenance(options: CountingOptions, calibration: Calibration, backend_name: str) -> dict:
+    """How the events of a scan were obtained, for ``/metadata/fourdstream``."""
+    return {"fourdstream_version": __version__,
+            "thresholds": "calibrated" if calibration.threshold_calculated else "fixed",
+            "background_threshold": calibration.background_threshold,
+            "x_ray_threshold": calibration.x_ray_threshold,
+            "dark": options.dark or "none (zeros)", "gain": options.gain or "none",
+            "row_dark": options.row_dark or "none", "backend": backend_name}
 
 
 class ScanCounting:

@@ -3,6 +3,7 @@ import pytest
 from click.testing import CliRunner
 
 from fourdstream.cli import main
+from fourdstream.io import open_counted
 
 
 def invoke(*args):
@@ -13,7 +14,7 @@ def test_help_lists_commands_and_each_command_has_help():
     result = invoke("--help")
     assert result.exit_code == 0
     commands = list(main.commands)
-    assert {"simulate", "count"} <= set(commands)
+    assert {"simulate", "count", "inspect", "demo"} <= set(commands)
     for name in commands:
         r = invoke(name, "--help")
         assert r.exit_code == 0 and "Usage:" in r.output, name
@@ -25,24 +26,30 @@ def test_simulate_then_count(tmp_path):
     assert r.exit_code == 0, r.output
     assert "7x4 positions incl. flyback column" in r.output
     assert len(list(raw.glob("data_scan0000000001_module*_dst*_file*.data"))) == 8
-    out = tmp_path / "counted.npz"
+    out = tmp_path / "counted.h5"
     r = invoke("count", raw, "-o", out, "--samples", "50", "--sample-frames", "5")
     assert r.exit_code == 0, r.output
     assert "28 complete" in r.output and "calibrated" in r.output
-    with np.load(out) as z:
-        assert len(z["frame_number"]) == 28 and z["offsets"][-1] == len(z["events"]) > 0
+    scan = open_counted(out)
+    assert scan.n_slots == 28 and scan.n_events > 0
+    png = tmp_path / "bf.png"
+    r = invoke("inspect", out, "--png", png)
+    assert r.exit_code == 0, r.output
+    assert "7x4 positions (width x height) incl. flyback column" in r.output
+    assert f"{scan.n_events:,}" in r.output and "calibrated" in r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_count_with_fixed_thresholds_matches_the_kernel(small_scan, tmp_path):
     from fourdstream.counting import ElectronCounter, Thresholds
 
     folder, frames, _ = small_scan
-    out = tmp_path / "c.npz"
+    out = tmp_path / "c.h5"
     r = invoke("count", folder, "-o", out, "--bg", 30, "--xr", 700, "--batch-size", 7)
-    assert r.exit_code == 0, r.output and "fixed" in r.output
+    assert r.exit_code == 0 and "fixed" in r.output, r.output
     events, offsets = ElectronCounter(Thresholds(30, 700)).count(frames)
-    with np.load(out) as z:
-        assert np.array_equal(z["events"], events) and np.array_equal(z["offsets"], offsets)
+    scan = open_counted(out)
+    assert np.array_equal(scan.events, events) and np.array_equal(scan.offsets, offsets)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -55,14 +62,14 @@ def test_count_errors_are_one_line_with_exit_code_1(small_scan, tmp_path, args, 
     folder, _, _ = small_scan
     if "--backend" in args:
         cupy = pytest.importorskip("cupy", reason="without CuPy the gpu error is tested too")
-    r = invoke("count", folder, "-o", tmp_path / "x.npz", *args)
+    r = invoke("count", folder, "-o", tmp_path / "x.h5", *args)
     assert r.exit_code == 1 and message in r.output
     assert r.output.count("\n") == 1 and r.output.startswith("Error:")
 
 
 def test_existing_output_is_not_overwritten(small_scan, tmp_path):
     folder, _, _ = small_scan
-    out = tmp_path / "keep.npz"
+    out = tmp_path / "keep.h5"
     out.write_bytes(b"precious")
     r = invoke("count", folder, "-o", out, "--bg", 30, "--xr", 700)
     assert r.exit_code == 1 and "--overwrite" in r.output

@@ -1,0 +1,5 @@
+"""``python -m fourdstream``: the command line (what mpiexec/srun start on every rank)."""
+
+from .cli import main
+
+main()
