@@ -328,21 +328,268 @@ def _save_png(image, path, title: str) -> None:
     plt.close(fig)
 
 
+# -- streaming ----------------------------------------------------------------------
+def sender_endpoint_options(func):
+    """Where a sender's messages go (send, gateway)."""
+    opts = [
+        click.option("--endpoints-file", type=click.Path(dir_okay=False), default=None,
+                     help="Connect to the ranks listed in this file (written by `fourdstream "
+                          "receive --endpoints-file`; waits for it to appear)."),
+        click.option("--connect", default=None,
+                     help="Connect to ranks that bind tcp://HOST:PORT (rank r, module m at PORT+4r+m); "
+                          "needs --ranks."),
+        click.option("--listen", default=None,
+                     help="Bind tcp://HOST:PORT+r for every rank r (for compute nodes that accept no "
+                          "inbound connections; ranks use `receive --connect`); needs --ranks."),
+        click.option("--ranks", type=int, default=0, help="Ranks of the receiver job."),
+        click.option("--hwm", type=int, default=1000, show_default=True,
+                     help="ZeroMQ send high-water mark (messages queued per rank)."),
+        click.option("--send-timeout", type=float, default=10.0, show_default=True,
+                     help="Seconds a send may block (receiver full) before the message is dropped "
+                          "and reported."),
+    ]
+    return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
+
+
+@main.command()
+@click.option("--module", type=click.IntRange(0, 3), required=True, help="Detector module (sector) 0-3.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Sending threads for this module (frames dealt round-robin).")
+@click.option("--simulate", "scan", default=None, help="Simulate scans of WIDTHxHEIGHT probe positions.")
+@click.option("--replay", type=click.Path(exists=True), multiple=True,
+              help="Replay this module's raw files (files or folders; repeatable).")
+@click.option("--dose", type=float, default=150.0, show_default=True, help="Simulation: electrons/frame.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Simulation seed.")
+@click.option("--frames-per-position", type=int, default=1, show_default=True)
+@click.option("--flyback/--no-flyback", default=True, show_default=True)
+@click.option("--pattern", type=click.Choice(["uniform", "disc"]), default="disc", show_default=True)
+@click.option("--pool-frames", type=int, default=512, show_default=True,
+              help="Simulation: distinct frames generated up front and cycled (0: every frame).")
+@click.option("--scans", type=int, default=1, show_default=True, help="Simulation: scans to send.")
+@click.option("--scan-number", type=int, default=1, show_default=True, help="Simulation: first scan number.")
+@click.option("--rate", type=float, default=0.0, show_default=True,
+              help="Frames/s per thread (0: as fast as possible).")
+@sender_endpoint_options
+def send(module, threads, scan, replay, dose, seed, frames_per_position, flyback, pattern, pool_frames,
+         scans, scan_number, rate, endpoints_file, connect, listen, ranks, hwm, send_timeout):
+    """Stream one module's sectors to the receiver ranks (one DAQ server's job).
+
+    Every sector goes, as a 2-part NCEM message (msgpack header + 165,888-byte
+    sector, zero-copy), to the rank owning its scan position; each scan is
+    announced (begin) and closed (end, with per-rank message counts) on every rank.
+    """
+    import threading
+
+    import zmq
+
+    from .send import ReplaySource, Router, SimulatedSource, stream
+    from .simulate import Simulator
+    from .transport import sender_sockets
+
+    if bool(scan) == bool(replay):
+        raise click.UsageError("give either --simulate WIDTHxHEIGHT or --replay PATH")
+    if listen and threads > 1:
+        raise click.UsageError("--threads > 1 needs the ranks to bind (--endpoints-file or --connect)")
+    ctx = zmq.Context()
+    results = [None] * threads
+
+    def worker(t):
+        if scan:
+            geometry = _scan_geometry(scan, flyback, frames_per_position)
+            source = SimulatedSource(Simulator(geometry, dose=dose, seed=seed, pattern=pattern), module,
+                                     pool_frames=pool_frames, scans=scans, first_scan=scan_number,
+                                     threads=threads, thread=t)
+        else:
+            source = ReplaySource(replay, module, threads=threads, thread=t)
+        sockets = sender_sockets(ctx, module, endpoints_file=endpoints_file, connect=connect,
+                                 listen=listen, ranks=ranks, hwm=hwm, send_timeout=send_timeout)
+        router = Router(sockets, sender=f"{module}.{t}")
+        results[t] = stream(source, router, module, rate=rate, thread=t)
+        for s in sockets:
+            s.close()
+
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    ctx.term()
+    if any(r is None for r in results):
+        raise RuntimeError("a sending thread failed (see above)")
+    sent = sum(r["sent"] for r in results)
+    seconds = max(r["seconds"] for r in results)
+    dropped = sum(r["dropped"] for r in results)
+    click.echo(f"module {module}: {sent:,} sectors sent in {seconds:.2f} s ({sent / max(seconds, 1e-9):,.0f}/s)"
+               + (f", {dropped:,} DROPPED after --send-timeout" if dropped else ""))
+
+
+def receiver_endpoint_options(func):
+    opts = [
+        click.option("--listen", default=None,
+                     help="Ranks bind tcp://HOST:PORT (rank r, module m at PORT+4r+m; PORT may be "
+                          "* for free ports). Default tcp://127.0.0.1:* when --connect is not given."),
+        click.option("--connect", multiple=True,
+                     help="Senders bind: the 4 module senders' tcp://HOST:PORT, in module order "
+                          "(repeat 4 times); rank r connects to PORT+r of each."),
+        click.option("--endpoints-file", type=click.Path(dir_okay=False), default=None,
+                     help="Rank 0 writes the ranks' bound addresses here for the senders."),
+        click.option("--advertise", default=None,
+                     help="Host name senders should use (default: the bind address or this host's name)."),
+    ]
+    return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
+
+
+@main.command()
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder for the counted files, one scanNNNNNNNNNN.h5 per scan.")
+@receiver_endpoint_options
+@click.option("--senders", type=int, default=4, show_default=True,
+              help="Senders that stream every scan (4 = one per module; 1 behind a gateway).")
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Seconds without a message of an open scan before it is closed with what arrived.")
+@click.option("--window", type=int, default=256, show_default=True,
+              help="Frame buffers per rank (0.66 MB each): the memory cap. When full, frames are "
+                   "counted, then the oldest incomplete frame is emitted as incomplete.")
+@click.option("--scans", type=int, default=0, show_default=True,
+              help="Exit after writing this many scans (0: serve until SIGINT/SIGTERM).")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Take fixed thresholds from a counted file's metadata.")
+@click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
+              help="Rank 0 writes the per-scan summaries here at exit.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace existing scan files (default: write scanN.1.h5, scanN.2.h5, ...).")
+@counting_options
+def receive(output, listen, connect, endpoints_file, advertise, senders, timeout, window, scans,
+            calibration, summary_json, overwrite, **kw):
+    """Receiver job: run under mpiexec/srun; serves scan after scan until stopped.
+
+    Each rank receives the sectors routed to it, assembles and counts frames,
+    and all ranks write one HDF5 file per scan collectively as soon as that
+    scan is complete, while the next one is arriving. SIGINT/SIGTERM: the scan
+    in flight is closed (incomplete frames marked) and written, exit 0.
+    """
+    import json
+
+    import zmq
+    from mpi4py import MPI
+
+    from .receive import Receiver, ReceiverOptions
+    from .transport import rank_sockets
+
+    comm = MPI.COMM_WORLD
+    if calibration:
+        kw["background_threshold"], kw["xray_threshold"] = _thresholds_from_file(calibration)
+    options = make_counting_options(kw)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    ctx = zmq.Context()
+    sockets = rank_sockets(ctx, comm, listen=listen or (None if connect else "tcp://127.0.0.1:*"),
+                           connect=list(connect), endpoints_file=endpoints_file, advertise=advertise)
+    receiver = Receiver(comm, sockets, options, ReceiverOptions(
+        output=output, senders=senders, timeout=timeout, window=window, scans=scans,
+        overwrite=overwrite), log=lambda m: click.echo(m, err=False))
+    if comm.rank == 0:
+        click.echo(f"receiving on {comm.size} rank(s), {receiver.template.backend}; "
+                   f"files -> {output}")
+    summaries = receiver.run()
+    for sock in sockets:
+        sock.close()
+    ctx.term()
+    if comm.rank == 0:
+        if summary_json:
+            Path(summary_json).write_text(json.dumps(summaries, indent=1))
+        frames = sum(s["frames"] for s in summaries)
+        click.echo(f"session: {len(summaries)} scan(s) written, {frames:,} frames"
+                   + (f"; {receiver.session.malformed} malformed and {receiver.session.late} late "
+                      f"messages outside any open scan" if receiver.session.malformed
+                      or receiver.session.late else ""))
+
+
+def _thresholds_from_file(path) -> tuple[float, float]:
+    from .io import open_counted
+
+    ec = open_counted(path).metadata.get("electron_counting", {})
+    if "background_threshold" not in ec:
+        raise ValueError(f"{path} holds no electron_counting thresholds")
+    return float(ec["background_threshold"]), float(ec["x_ray_threshold"])
+
+
+@main.command()
+@click.option("--producers", "producer_listen", multiple=True, default=["tcp://*:5555"],
+              show_default=True, help="Bind these PULL endpoints for the DAQ producers (repeatable).")
+@click.option("--frames-per-position", type=int, default=1, show_default=True)
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Seconds without a message before a scan is ended (producers send no end).")
+@click.option("--scans", type=int, default=0, show_default=True, help="Exit after this many scans.")
+@sender_endpoint_options
+def gateway(producer_listen, frames_per_position, timeout, scans, endpoints_file, connect, listen,
+            ranks, hwm, send_timeout):
+    """Accept messages from unmodified NCEM producers and route them to the ranks.
+
+    Producers PUSH 2-part messages (9- or 8-field msgpack header + raw sector) to
+    the --producers endpoints; the gateway forwards each to the rank owning its
+    scan position and adds begin/end messages (one sender per module for the
+    receivers: run them with the default --senders 4).
+    """
+    import zmq
+
+    from .detector import N_SECTORS
+    from .gateway import Gateway
+    from .send import Router
+    from .transport import pull_socket, sender_sockets
+
+    ctx = zmq.Context()
+    inbound, _ = pull_socket(ctx, bind=producer_listen[0], connect=[], hwm=hwm)
+    for url in producer_listen[1:]:
+        inbound.bind(url)
+    routers = [Router(sender_sockets(ctx, m, endpoints_file=endpoints_file, connect=connect,
+                                     listen=listen, ranks=ranks, hwm=hwm, send_timeout=send_timeout),
+                      sender=f"gateway.{m}") for m in range(N_SECTORS)]
+    gw = Gateway(inbound, routers, frames_per_position=frames_per_position, timeout=timeout,
+                 scans=scans, log=click.echo)
+    gw.run()
+    for s in [inbound] + [s for r in routers for s in r.sockets]:
+        s.close()
+    ctx.term()
+    if gw.unattributed:
+        click.echo(f"gateway: {gw.unattributed} messages could not be attributed to a scan")
+
+
 # -- demo -------------------------------------------------------------------------
 @main.command()
 @click.option("--scan", default="64x64", show_default=True,
               help="Probe positions WIDTHxHEIGHT (plus a flyback column).")
-@click.option("--dose", type=float, default=150.0, show_default=True, help="Electrons per frame.")
+@click.option("--ranks", type=int, default=2, show_default=True, help="Receiver MPI ranks.")
 @click.option("--output", default="demo-output", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the demo's raw and counted files (its own files are replaced).")
+              help="Folder for the counted file (an existing scan file is kept: a new name is chosen).")
+@click.option("--dose", type=float, default=150.0, show_default=True, help="Electrons per frame.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(scan, dose, output, seed):
-    """Local end-to-end run: simulate a scan, count it, print the summary."""
-    ctx = click.get_current_context()
-    raw = Path(output) / "raw"
-    ctx.invoke(simulate, outdir=str(raw), scan=scan, dose=dose, seed=seed, overwrite=True)
-    counted = Path(output) / "scan1.h5"
-    ctx.invoke(count, raw=(str(raw),), output=str(counted), overwrite=True)
+@click.option("--rate", type=float, default=0.0, show_default=True,
+              help="Frames/s per sender (0: as fast as possible).")
+def demo(scan, ranks, output, dose, seed, rate):
+    """Local end-to-end run: 4 simulated senders -> mpiexec receiver job -> counted HDF5 + summary."""
+    from .demo import run_demo
+
+    click.echo(f"fourdstream demo: {scan} scan (+ flyback column), {dose:g} e-/frame, 4 senders -> "
+               f"{ranks} receiver ranks (mpiexec)")
+    s = run_demo(output, scan=scan, ranks=ranks, dose=dose, seed=seed, rate=rate, echo=click.echo)
+    ledger = s["ledger"]
+    losses = {k: v for k, v in ledger.items() if k not in ("sectors", "frames_complete",
+                                                             "frames_incomplete") and v}
+    _summary("\nsummary", {
+        "counted file": s["path"],
+        "frames": f"{s['frames']:,} of {s['expected']:,} ({s['complete']:,} complete, "
+                  f"{s['incomplete']:,} incomplete, {s['missing']:,} missing)",
+        "events": f"{s['events']:,} ({s['events'] / max(s['frames'], 1):.1f}/frame)",
+        "thresholds": f"background {s['thresholds'][0]:.2f}, x-ray {s['thresholds'][1]:.1f} ADU "
+                      f"(calibrated from the scan)",
+        "loss": ", ".join(f"{k} {v}" for k, v in losses.items()) or "none",
+        "throughput": f"{s['frames'] / max(s['seconds'], 1e-9):,.0f} frames/s "
+                      f"(first sector received -> file closed, {s['seconds']:.2f} s)",
+        "latency": f"{s['latency']:.2f} s from the last frame sent to the file closed",
+    })
+    click.echo(f"\nopen it: fourdstream inspect {s['path']} --png bf.png\n"
+               f"     or: python -c \"import stempy.io; a = stempy.io.SparseArray.from_hdf5("
+               f"'{s['path']}'); print(a.shape)\"")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ batches of frames into :class:`~fourdstream.sparse.CountedFrames`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -97,6 +98,13 @@ class ScanCounting:
         self.gain = load_reference(options.gain, "gain") if options.gain else None
         self.calibration: Calibration | None = fixed_calibration(options) if options.fixed else None
         self._counter = None
+
+    def for_scan(self) -> "ScanCounting":
+        """Counting of the next scan: same references and backend, its own thresholds."""
+        other = copy.copy(self)
+        other.calibration = fixed_calibration(self.options) if self.options.fixed else None
+        other._counter = None
+        return other
 
     def _make_counter(self, thresholds=None, xp=np) -> ElectronCounter:
         return ElectronCounter(thresholds, self.dark, self.gain, row_dark=self.options.row_dark,

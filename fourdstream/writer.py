@@ -379,6 +379,8 @@ def _write_attrs(group, values: dict) -> None:
             _write_attrs(group.create_group(key), value)
         elif value is None:
             group.attrs[key] = "none"
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) and value:
+            group.attrs[key] = ", ".join(value)
         elif isinstance(value, (list, tuple)):
             group.attrs[key] = np.asarray(value) if len(value) else np.zeros(0, np.int64)
         else:

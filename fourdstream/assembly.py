@@ -1,0 +1,201 @@
+"""Assembling streamed sectors into frames on one rank, with a ledger of every loss.
+
+Sectors of a frame (same scan and frame number) are copied into one buffer of a
+fixed pool (:class:`FramePool`, the rank's memory cap). A frame is *ready* for
+counting when its four sectors are in, or when it is emitted early as
+*incomplete* (its scan closed, or the reassembly window was full and it was the
+oldest frame being assembled). Missing sectors are zeros, and the frame's sector
+mask says which arrived.
+
+The ledger (:class:`Ledger`) counts everything that did not become part of a
+complete frame: duplicates, malformed messages, late sectors (for a frame
+already emitted), sectors disagreeing on their frame's position, frames evicted
+from a full window, and messages the senders announced but that never arrived.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from .detector import COMPLETE_MASK, FRAME_SHAPE, N_SECTORS, ScanGeometry, sector_slice
+from .sparse import CountedFrames
+
+_SECTOR_ROWS = [sector_slice(m)[0] for m in range(N_SECTORS)]
+
+
+class FramePool:
+    """A rank's frame buffers: ``(capacity, 576, 576)`` uint16 and a free list."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"the frame pool needs at least one frame, got {capacity}")
+        self.frames = np.zeros((capacity,) + FRAME_SHAPE, np.uint16)
+        self._free = list(range(capacity - 1, -1, -1))
+
+    @property
+    def capacity(self) -> int:
+        return len(self.frames)
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def give(self, slots) -> None:
+        self._free.extend(int(s) for s in slots)
+
+
+@dataclasses.dataclass
+class Ledger:
+    """Counts of one scan on one rank (summed over ranks for the file)."""
+
+    sectors: int = 0            #: sector messages used
+    duplicates: int = 0         #: second copy of a sector of a frame
+    malformed: int = 0          #: messages not following the wire format
+    late: int = 0               #: sectors of a frame already emitted
+    conflicting: int = 0        #: sectors whose position disagrees with their frame's
+    evicted: int = 0            #: frames emitted incomplete because the window was full
+    lost: int = 0               #: messages senders announced that never arrived
+    dropped_by_senders: int = 0  #: messages senders gave up on (send timeout)
+    frames_complete: int = 0
+    frames_incomplete: int = 0
+
+    def add(self, other: "Ledger") -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def provenance(self) -> dict:
+        """The loss counters under the names they carry in ``/metadata/fourdstream``."""
+        return {"sectors_received": self.sectors, "sectors_duplicate": self.duplicates,
+                "sectors_late": self.late, "sectors_conflicting": self.conflicting,
+                "messages_malformed": self.malformed, "messages_lost": self.lost,
+                "messages_dropped_by_senders": self.dropped_by_senders,
+                "frames_evicted": self.evicted}
+
+
+class ScanShare:
+    """One scan as one rank receives it.
+
+    Parameters
+    ----------
+    scan : scan number
+    geometry : the scan's geometry (from a ``begin`` message or a sector header)
+    pool : the rank's frame pool (shared by all scans)
+    counting : the scan's :class:`~fourdstream.pipeline.ScanCounting` (its thresholds)
+    """
+
+    def __init__(self, scan: int, geometry: ScanGeometry, pool: FramePool, counting=None):
+        self.scan, self.geometry, self.pool, self.counting = scan, geometry, pool, counting
+        self.ledger = Ledger()
+        self.pending: dict[int, list] = {}    # frame number -> [slot, mask, position]
+        self.ready: list[tuple] = []          # (slot, frame number, position, mask)
+        self.emitted: dict[int, int] = {}     # frame number -> position of emitted frames
+        self.counted: list[CountedFrames] = []
+        self.announced: dict[str, int] = {}   # sender -> messages it says it sent here
+        self.n_received = 0                   # sector messages of this scan received here
+        self.ended: set[str] = set()
+        self.last_send = 0.0
+        self.first_message = self.last_message = time.time()
+        self.failed: str | None = None        # why the scan cannot be counted
+        self.closed_by: str | None = None     # "end", "timeout", "shutdown"
+
+    # -- sectors -----------------------------------------------------------------
+    def add(self, frame: int, module: int, position: int, payload) -> bool:
+        """Place one sector; False if no buffer is free (call again after making room)."""
+        self.last_message = time.time()
+        entry = self.pending.get(frame)
+        if entry is None:
+            if frame in self.emitted:
+                self.ledger.late += 1
+                return True
+            slot = self.pool.take()
+            if slot is None:
+                return False
+            entry = self.pending[frame] = [slot, 0, position]
+        elif entry[2] != position:
+            self.ledger.conflicting += 1
+            return True
+        bit = 1 << module
+        if entry[1] & bit:
+            self.ledger.duplicates += 1
+            return True
+        sector = self.pool.frames[entry[0], _SECTOR_ROWS[module]]
+        sector.reshape(-1)[:] = np.frombuffer(payload, dtype="<u2")
+        entry[1] |= bit
+        self.ledger.sectors += 1
+        if entry[1] == COMPLETE_MASK:
+            self._emit(frame)
+        return True
+
+    def _emit(self, frame: int) -> None:
+        slot, mask, position = self.pending.pop(frame)
+        if mask != COMPLETE_MASK:
+            for m in range(N_SECTORS):
+                if not mask & (1 << m):
+                    self.pool.frames[slot, _SECTOR_ROWS[m]] = 0
+            self.ledger.frames_incomplete += 1
+        else:
+            self.ledger.frames_complete += 1
+        self.ready.append((slot, frame, position, mask))
+        self.emitted[frame] = position
+
+    def evict_oldest(self) -> bool:
+        """Emit the oldest frame being assembled as incomplete (window full)."""
+        if not self.pending:
+            return False
+        self._emit(next(iter(self.pending)))
+        self.ledger.evicted += 1
+        return True
+
+    def flush(self) -> None:
+        """Emit every frame still being assembled (the scan is closing)."""
+        for frame in list(self.pending):
+            self._emit(frame)
+
+    # -- control -----------------------------------------------------------------
+    def sender_ended(self, sender: str, sent: int, dropped: int, last_send: float) -> None:
+        self.ended.add(sender)
+        self.announced[sender] = sent
+        self.ledger.dropped_by_senders += dropped
+        self.last_send = max(self.last_send, last_send)
+        self.last_message = time.time()
+
+    def all_ended(self, n_senders: int) -> bool:
+        return len(self.ended) >= n_senders
+
+    def settle_losses(self) -> None:
+        """Messages announced by senders but not received become ``lost``.
+
+        Each (sender, rank) pipe is FIFO, so once every sender's ``end`` is in,
+        everything it sent before has arrived or is lost.
+        """
+        self.ledger.lost = max(sum(self.announced.values()) - self.n_received, 0)
+
+    # -- counting ----------------------------------------------------------------
+    def take_ready(self, n: int):
+        """Up to ``n`` ready frames: (frames copy, frame numbers, positions, masks, slots)."""
+        batch, self.ready = self.ready[:n], self.ready[n:]
+        slots = np.array([b[0] for b in batch], np.int64)
+        return (self.pool.frames[slots], np.array([b[1] for b in batch], np.uint32),
+                np.array([b[2] for b in batch], np.int64), np.array([b[3] for b in batch], np.uint8),
+                slots)
+
+    def expected_here(self, rank: int, n_ranks: int) -> int:
+        """Frames of this scan routed to ``rank``."""
+        lo, hi = self.geometry.position_blocks(n_ranks)[rank:rank + 2]
+        return int(hi - lo) * self.geometry.frames_per_position
+
+    @property
+    def n_counted(self) -> int:
+        return sum(len(c) for c in self.counted)
+
+    def result(self) -> CountedFrames:
+        return CountedFrames.concatenate(self.counted)

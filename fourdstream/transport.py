@@ -1,0 +1,158 @@
+"""ZeroMQ endpoints between senders and receiver ranks, and which side binds.
+
+Every sender holds one PUSH socket per rank and routes a sector by choosing the
+socket, which keeps the four sectors of a frame together (a single PUSH socket
+would round-robin them over ranks). Every rank holds one PULL socket per module,
+so that it can read from the modules that are behind and let the high-water
+mark hold back the ones ahead (see :mod:`fourdstream.receive`). Either side may
+bind:
+
+* **receivers bind** (default; a workstation): rank ``r`` binds its module-``m``
+  socket at ``tcp://HOST:PORT + 4r + m`` (``PORT`` = ``*`` picks free ports) and
+  rank 0 writes the bound addresses to an endpoints file; senders connect.
+* **senders bind** (compute nodes that accept no inbound connections): the
+  sender of module ``m`` binds ``tcp://HOST:PORT + r`` for every rank ``r``;
+  rank ``r`` connects its module-``m`` socket to ``PORT + r`` of that sender
+  (``receive --connect`` lists the senders in module order).
+
+An endpoint spec is ``tcp://HOST:PORT``; :func:`expand` turns it into addresses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import zmq
+
+from .detector import N_SECTORS
+
+#: Defaults of the NCEM producers: send high-water mark and send timeout.
+DEFAULT_HWM = 1000
+DEFAULT_SEND_TIMEOUT = 10.0  # seconds
+
+
+def expand(spec: str, n: int) -> list[str]:
+    """``tcp://host:PORT`` -> ``[tcp://host:PORT, ..., tcp://host:PORT+n-1]``.
+
+    With ``PORT`` = ``*`` every entry is ``tcp://host:*`` (free ports, bind only).
+    """
+    if not spec.startswith("tcp://") or ":" not in spec[6:]:
+        raise ValueError(f"endpoint must look like tcp://HOST:PORT, got {spec!r}")
+    host, port = spec[6:].rsplit(":", 1)
+    if port == "*":
+        return [spec] * n
+    try:
+        base = int(port)
+    except ValueError:
+        raise ValueError(f"endpoint port must be a number or *, got {spec!r}") from None
+    return [f"tcp://{host}:{base + i}" for i in range(n)]
+
+
+def advertised(url: str, host: str | None = None) -> str:
+    """Address others can connect to for a socket bound at ``url``."""
+    bound_host, port = url[6:].rsplit(":", 1)
+    if host is None:
+        host = socket.gethostname() if bound_host in ("*", "0.0.0.0") else bound_host
+    return f"tcp://{host}:{port}"
+
+
+def write_endpoints(path, urls: list[str]) -> None:
+    """Write the ranks' addresses atomically (senders may be polling for the file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"ranks": urls}))
+    os.replace(tmp, path)
+
+
+def read_endpoints(path, wait: float = 60.0) -> list[str]:
+    """Ranks' addresses from an endpoints file, waiting up to ``wait`` s for it."""
+    path = Path(path)
+    deadline = time.monotonic() + wait
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no endpoints file {path} after {wait:.0f} s: is the receiver "
+                               f"job running (fourdstream receive --endpoints-file {path})?")
+        time.sleep(0.05)
+    return json.loads(path.read_text())["ranks"]
+
+
+def push_sockets(ctx: zmq.Context, urls: list[str], *, bind: bool, hwm: int = DEFAULT_HWM,
+                 send_timeout: float = DEFAULT_SEND_TIMEOUT) -> list[zmq.Socket]:
+    """One PUSH socket per rank, bound or connected to ``urls[r]``."""
+    sockets = []
+    for url in urls:
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.SNDHWM, hwm)
+        s.setsockopt(zmq.SNDTIMEO, int(send_timeout * 1000))
+        s.setsockopt(zmq.LINGER, int(send_timeout * 1000))
+        (s.bind if bind else s.connect)(url)
+        sockets.append(s)
+    return sockets
+
+
+def pull_socket(ctx: zmq.Context, *, bind: str | None = None, connect: list[str] = (),
+                hwm: int = DEFAULT_HWM) -> tuple[zmq.Socket, str | None]:
+    """A rank's PULL socket, bound at ``bind`` and/or connected to ``connect``.
+
+    Returns the socket and the address it was bound to (resolved ``*`` port).
+    """
+    s = ctx.socket(zmq.PULL)
+    s.setsockopt(zmq.RCVHWM, hwm)
+    s.setsockopt(zmq.LINGER, 0)
+    bound = None
+    if bind:
+        s.bind(bind)
+        bound = s.getsockopt(zmq.LAST_ENDPOINT).decode()
+    for url in connect:
+        s.connect(url)
+    return s, bound
+
+
+def rank_sockets(ctx: zmq.Context, comm, *, listen: str | None, connect: list[str] = (),
+                 endpoints_file=None, advertise: str | None = None,
+                 hwm: int = DEFAULT_HWM) -> list[zmq.Socket]:
+    """This MPI rank's PULL sockets, one per module (collective over ``comm``).
+
+    ``listen``: spec the ranks bind; ``connect``: the senders' specs in module
+    order (senders bind). Rank 0 writes the bound addresses to ``endpoints_file``.
+    """
+    if bool(listen) == bool(connect):
+        raise ValueError("give either --listen (ranks bind) or --connect (senders bind)")
+    if connect and len(connect) != N_SECTORS:
+        raise ValueError(f"--connect lists the {N_SECTORS} module senders in module order; "
+                         f"got {len(connect)}")
+    sockets, bound = [], []
+    for m in range(N_SECTORS):
+        if listen:
+            url = expand(listen, comm.size * N_SECTORS)[comm.rank * N_SECTORS + m]
+            sock, address = pull_socket(ctx, bind=url, hwm=hwm)
+            bound.append(advertised(address, advertise))
+        else:
+            sock, _ = pull_socket(ctx, connect=[expand(connect[m], comm.size)[comm.rank]], hwm=hwm)
+        sockets.append(sock)
+    addresses = comm.gather(bound, root=0)
+    if comm.rank == 0 and endpoints_file and listen:
+        write_endpoints(endpoints_file, addresses)
+    return sockets
+
+
+def sender_sockets(ctx: zmq.Context, module: int, *, endpoints_file=None, connect: str | None = None,
+                   listen: str | None = None, ranks: int = 0, hwm: int = DEFAULT_HWM,
+                   send_timeout: float = DEFAULT_SEND_TIMEOUT, wait: float = 60.0) -> list[zmq.Socket]:
+    """Module ``module``'s PUSH sockets, one per rank, from exactly one endpoint option."""
+    given = [o for o in (endpoints_file, connect, listen) if o]
+    if len(given) != 1:
+        raise ValueError("give exactly one of --endpoints-file, --connect or --listen")
+    if endpoints_file:
+        urls, bind = [rank[module] for rank in read_endpoints(endpoints_file, wait)], False
+    elif ranks < 1:
+        raise ValueError("--connect/--listen need --ranks (the receiver job's rank count)")
+    elif connect:
+        urls, bind = expand(connect, ranks * N_SECTORS)[module::N_SECTORS], False
+    else:
+        urls, bind = expand(listen, ranks), True
+    return push_sockets(ctx, urls, bind=bind, hwm=hwm, send_timeout=send_timeout)
