@@ -54,10 +54,11 @@ class FramePool:
 class Ledger:
     """Counts of one scan on one rank (summed over ranks for the file)."""
 
+    received: int = 0           #: sector messages of the scan received
     sectors: int = 0            #: sector messages used
-    duplicates: int = 0         #: second copy of a sector of a frame
+    duplicates: int = 0         #: second copy of a sector of a frame (before or after emission)
     malformed: int = 0          #: messages not following the wire format
-    late: int = 0               #: sectors of a frame already emitted
+    late: int = 0               #: missing sectors arriving after their frame was emitted
     conflicting: int = 0        #: sectors whose position disagrees with their frame's
     evicted: int = 0            #: frames emitted incomplete because the window was full
     lost: int = 0               #: messages senders announced that never arrived
@@ -74,7 +75,8 @@ class Ledger:
 
     def provenance(self) -> dict:
         """The loss counters under the names they carry in ``/metadata/fourdstream``."""
-        return {"sectors_received": self.sectors, "sectors_duplicate": self.duplicates,
+        return {"messages_received": self.received,
+                "sectors_received": self.sectors, "sectors_duplicate": self.duplicates,
                 "sectors_late": self.late, "sectors_conflicting": self.conflicting,
                 "messages_malformed": self.malformed, "messages_lost": self.lost,
                 "messages_dropped_by_senders": self.dropped_by_senders,
@@ -97,7 +99,7 @@ class ScanShare:
         self.ledger = Ledger()
         self.pending: dict[int, list] = {}    # frame number -> [slot, mask, position]
         self.ready: list[tuple] = []          # (slot, frame number, position, mask)
-        self.emitted: dict[int, int] = {}     # frame number -> position of emitted frames
+        self.emitted: dict[int, int] = {}     # frame number -> sector mask of emitted frames
         self.counted: list[CountedFrames] = []
         self.announced: dict[str, int] = {}   # sender -> messages it says it sent here
         self.n_received = 0                   # sector messages of this scan received here
@@ -114,7 +116,10 @@ class ScanShare:
         entry = self.pending.get(frame)
         if entry is None:
             if frame in self.emitted:
-                self.ledger.late += 1
+                if self.emitted[frame] & (1 << module):
+                    self.ledger.duplicates += 1
+                else:
+                    self.ledger.late += 1
                 return True
             slot = self.pool.take()
             if slot is None:
@@ -145,7 +150,7 @@ class ScanShare:
         else:
             self.ledger.frames_complete += 1
         self.ready.append((slot, frame, position, mask))
-        self.emitted[frame] = position
+        self.emitted[frame] = mask
 
     def evict_oldest(self) -> bool:
         """Emit the oldest frame being assembled as incomplete (window full)."""
@@ -177,6 +182,7 @@ class ScanShare:
         Each (sender, rank) pipe is FIFO, so once every sender's ``end`` is in,
         everything it sent before has arrived or is lost.
         """
+        self.ledger.received = self.n_received
         self.ledger.lost = max(sum(self.announced.values()) - self.n_received, 0)
 
     # -- counting ----------------------------------------------------------------

@@ -450,6 +450,9 @@ def receiver_endpoint_options(func):
 @click.option("--window", type=int, default=256, show_default=True,
               help="Frame buffers per rank (0.66 MB each): the memory cap. When full, frames are "
                    "counted, then the oldest incomplete frame is emitted as incomplete.")
+@click.option("--hwm", type=int, default=100, show_default=True,
+              help="Messages queued per module socket before senders are held back "
+                   "(memory: 4 x HWM x 0.17 MB per rank, on top of --window).")
 @click.option("--scans", type=int, default=0, show_default=True,
               help="Exit after writing this many scans (0: serve until SIGINT/SIGTERM).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -459,7 +462,7 @@ def receiver_endpoint_options(func):
 @click.option("--overwrite", is_flag=True,
               help="Replace existing scan files (default: write scanN.1.h5, scanN.2.h5, ...).")
 @counting_options
-def receive(output, listen, connect, endpoints_file, advertise, senders, timeout, window, scans,
+def receive(output, listen, connect, endpoints_file, advertise, senders, timeout, window, hwm, scans,
             calibration, summary_json, overwrite, **kw):
     """Receiver job: run under mpiexec/srun; serves scan after scan until stopped.
 
@@ -483,7 +486,8 @@ def receive(output, listen, connect, endpoints_file, advertise, senders, timeout
     Path(output).mkdir(parents=True, exist_ok=True)
     ctx = zmq.Context()
     sockets = rank_sockets(ctx, comm, listen=listen or (None if connect else "tcp://127.0.0.1:*"),
-                           connect=list(connect), endpoints_file=endpoints_file, advertise=advertise)
+                           connect=list(connect), endpoints_file=endpoints_file, advertise=advertise,
+                           hwm=hwm)
     receiver = Receiver(comm, sockets, options, ReceiverOptions(
         output=output, senders=senders, timeout=timeout, window=window, scans=scans,
         overwrite=overwrite), log=lambda m: click.echo(m, err=False))

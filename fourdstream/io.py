@@ -44,7 +44,9 @@ VLEN_CHUNK = 65536
 def events_as_objects(events: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """1-D object array of per-slot event arrays (views into ``events``)."""
     out = np.empty(len(offsets) - 1, dtype=object)
-    out[:] = np.split(events, np.asarray(offsets[1:-1], dtype=np.int64) - int(offsets[0]))
+    pieces = np.split(events, np.asarray(offsets[1:-1], dtype=np.int64) - int(offsets[0]))
+    for i, piece in enumerate(pieces):   # `out[:] = pieces` broadcasts equal-length pieces
+        out[i] = piece
     return out
 
 

@@ -113,8 +113,11 @@ class Receiver:
             while not self._stop.is_set():
                 events = dict(poller.poll(2 if self._held else 10))
                 progressed = self._place_held()
-                for m in self._modules_to_read(events):
+                chosen = self._modules_to_read(events)
+                for m in chosen:
                     progressed |= self._read(m)
+                if len(chosen) < len(events):
+                    self._hold_timeouts()
                 self._poll_mpi()
                 if self.rank == 0:
                     self._calibrate_ready(force=self.pool.n_free == 0)
@@ -160,7 +163,7 @@ class Receiver:
     def _modules_to_read(self, events) -> list[int]:
         """Readable modules worth reading now (all of them unless the pool is tight)."""
         modules = [m for m, sock in enumerate(self.sockets) if sock in events and m not in self._held]
-        if self.pool.n_free * 4 > self.pool.capacity:
+        if not self._tight():
             return modules
         missing = 0
         for share in self.shares.values():
@@ -181,6 +184,13 @@ class Receiver:
                 return True
         return True
 
+    def _hold_timeouts(self) -> None:
+        """This rank is holding senders back: its open scans are not quiet, do not time them out."""
+        now = time.time()
+        for share in self.shares.values():
+            if share.closed_by is None:
+                share.last_message = now
+
     def _place_held(self) -> bool:
         placed = False
         for module, (share, h, position, payload) in list(self._held.items()):
@@ -193,19 +203,26 @@ class Receiver:
         return placed
 
     def _relieve_stall(self, progressed: bool) -> None:
-        """Full pool and no progress for ``stall`` s: evict the oldest frame being assembled."""
-        if progressed or self.pool.n_free:
+        """Tight pool and no progress for ``stall`` s: the missing sectors are not coming
+        (a sender dropped or lost them). Emit the oldest frames being assembled as
+        incomplete until the pool is no longer tight, so all modules are read again."""
+        if progressed or not self._tight():
             self._stalled_since = None
             return
         now = time.time()
         if self._stalled_since is None:
             self._stalled_since = now
-        elif now - self._stalled_since > self.stall:
-            for share in sorted(self.shares.values(), key=lambda sh: sh.scan):
-                if share.counting.calibration is not None and share.evict_oldest():
-                    self._count_ready(everything=True)
-                    break
-            self._stalled_since = None
+            return
+        if now - self._stalled_since < self.stall:
+            return
+        for share in sorted(self.shares.values(), key=lambda sh: sh.scan):
+            while self._tight() and share.counting.calibration is not None and share.evict_oldest():
+                self._count_ready(everything=True)
+        self._stalled_since = None
+
+    def _tight(self) -> bool:
+        """The pool is three-quarters used: read only modules that complete frames."""
+        return self.pool.n_free * 4 <= self.pool.capacity
 
     def _handle(self, parts) -> None:
         try:

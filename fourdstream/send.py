@@ -22,6 +22,7 @@ import numpy as np
 import zmq
 
 from . import wire
+from .transport import CONTROL_TIMEOUT
 from .detector import ScanGeometry, record_dtype, sector_shape, sector_slice
 from .rawfile import expand_paths, module_from_filename
 
@@ -96,13 +97,18 @@ class Router:
 
     @staticmethod
     def _send_control(s: zmq.Socket, message: bytes) -> None:
-        # Control messages must get through: retry past the send timeout.
+        """Control messages must get through: retry past the send timeout, within reason."""
+        deadline = time.monotonic() + CONTROL_TIMEOUT
         while True:
             try:
                 s.send(message)
                 return
             except zmq.Again:
-                continue
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"a receiver rank took no message for {CONTROL_TIMEOUT:.0f} s "
+                        f"({s.getsockopt(zmq.LAST_ENDPOINT).decode() or 'not connected'}); "
+                        f"is the receiver job running?") from None
 
 
 @dataclasses.dataclass

@@ -33,6 +33,8 @@ from .detector import N_SECTORS
 #: Defaults of the NCEM producers: send high-water mark and send timeout.
 DEFAULT_HWM = 1000
 DEFAULT_SEND_TIMEOUT = 10.0  # seconds
+#: How long a sender keeps trying to deliver control messages (and what is queued at exit).
+CONTROL_TIMEOUT = 60.0       # seconds
 
 
 def expand(spec: str, n: int) -> list[str]:
@@ -88,7 +90,7 @@ def push_sockets(ctx: zmq.Context, urls: list[str], *, bind: bool, hwm: int = DE
         s = ctx.socket(zmq.PUSH)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.SNDTIMEO, int(send_timeout * 1000))
-        s.setsockopt(zmq.LINGER, int(send_timeout * 1000))
+        s.setsockopt(zmq.LINGER, int(CONTROL_TIMEOUT * 1000))   # deliver the end messages
         (s.bind if bind else s.connect)(url)
         sockets.append(s)
     return sockets

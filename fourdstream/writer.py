@@ -309,7 +309,9 @@ def _write_collective(tmp: Path, slab: _Slab, event_base, comm) -> None:
     try:
         arrays = _slab_arrays(slab, event_base, comm.rank == comm.size - 1)
         for name, (start, data) in arrays.items():
-            _agree(comm, lambda: write(f[GROUP][name], start, data))
+            dset = f[GROUP][name]
+            if dset.shape[0]:   # a zero-size dataset has no storage (same on every rank)
+                _agree(comm, lambda: write(dset, start, data))
     finally:
         _agree(comm, f.close)
 

@@ -53,3 +53,79 @@ def stempy_events(frame, **kw) -> np.ndarray:
     """Events of one frame counted by the reference, stempy."""
     image = pytest.importorskip("stempy.image")
     return np.sort(np.asarray(image.electron_count_frame(frame, **kw).data[0, 0]))
+
+
+class StreamSession:
+    """A receiver job under mpiexec plus sender processes, for streaming tests.
+
+    Every wait is bounded: a hang fails the test instead of blocking the suite.
+    """
+
+    def __init__(self, tmp_path: Path, ranks: int, *receiver_args: str, script: str | None = None):
+        import subprocess
+
+        from fourdstream.transport import read_endpoints
+
+        self.out, self.endpoints = tmp_path / "out", tmp_path / "endpoints.json"
+        self.summary = tmp_path / "summary.json"
+        argv = [sys.executable, str(HERE / script)] if script else [sys.executable, "-m", "fourdstream"]
+        cmd = mpiexec_command(ranks, argv + ["receive", "-o", str(self.out), "--endpoints-file",
+                                             str(self.endpoints), "--summary-json", str(self.summary),
+                                             *map(str, receiver_args)])
+        self.receiver = subprocess.Popen(cmd, env=mpi_environment(), stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
+        self.senders = []
+        try:
+            read_endpoints(self.endpoints, wait=60)
+        except TimeoutError:
+            self.receiver.kill()
+            raise AssertionError(self.receiver.communicate()[0])
+
+    def send(self, module: int, *args) -> None:
+        """``fourdstream send --module M ARGS`` to this session's ranks."""
+        self._start([sys.executable, "-m", "fourdstream", "send", "--module", str(module),
+                     "--endpoints-file", str(self.endpoints), *map(str, args)])
+
+    def script(self, name: str, *args) -> None:
+        """Run ``tests/<name> ARGS`` (a test producer) with the endpoints file as first argument."""
+        self._start([sys.executable, str(HERE / name), str(self.endpoints), *map(str, args)])
+
+    def _start(self, argv) -> None:
+        import subprocess
+
+        self.senders.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                             text=True))
+
+    def wait(self, timeout: float = 120, senders_only: bool = False):
+        """Wait for the senders (and the receiver); returns (exit code, output, summaries)."""
+        import subprocess
+
+        try:
+            for p in self.senders:
+                out, _ = p.communicate(timeout=timeout)
+                assert p.returncode == 0, f"sender failed: {out}"
+            if senders_only:
+                return None
+            output, _ = self.receiver.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in self.senders + [self.receiver]:
+                p.kill()
+            raise AssertionError(f"streaming session did not finish within {timeout} s:\n"
+                                 f"{self.receiver.communicate()[0]}")
+        summaries = json.loads(self.summary.read_text()) if self.summary.exists() else []
+        return self.receiver.returncode, output, summaries
+
+
+@pytest.fixture
+def stream_session(tmp_path):
+    sessions = []
+
+    def start(ranks, *receiver_args, script=None):
+        sessions.append(StreamSession(tmp_path, ranks, *receiver_args, script=script))
+        return sessions[-1]
+
+    yield start
+    for s in sessions:
+        for p in s.senders + [s.receiver]:
+            if p.poll() is None:
+                p.kill()

@@ -1,0 +1,177 @@
+"""The streaming pipeline end to end: senders -> mpiexec receiver ranks -> files."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fourdstream.calibrate import calibrate, plan_samples
+from fourdstream.counting import ElectronCounter, Thresholds
+from fourdstream.detector import ScanGeometry, parse_scan_size, sector_slice
+from fourdstream.io import open_counted
+from fourdstream.simulate import Simulator
+
+SCAN = "12x8"       # 13x8 positions with the flyback column: 104 frames
+SEED = 3
+
+
+def simulated(size=SCAN, seed=SEED):
+    g = ScanGeometry.from_probe_grid(*parse_scan_size(size))
+    return Simulator(g, dose=150, seed=seed, pattern="disc").frames(0, g.n_frames)[0]
+
+
+def offline(frames, bg, xr, missing=None):
+    """Events counted in this process; ``missing`` = {frame index: modules zeroed}."""
+    frames = frames.copy()
+    for k, modules in (missing or {}).items():
+        for m in modules:
+            frames[(k,) + sector_slice(m)] = 0
+    return ElectronCounter(Thresholds(bg, xr)).count(frames)
+
+
+def send_all(session, *args, skip=()):
+    for m in range(4):
+        if m not in skip:
+            session.send(m, "--simulate", SCAN, "--seed", SEED, "--pool-frames", 0, *args)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_two_scans_equal_offline_counting_including_thresholds(stream_session, ranks):
+    s = stream_session(ranks, "--scans", 2)
+    send_all(s, "--scans", 2)
+    rc, output, summaries = s.wait()
+    assert rc == 0, output
+    assert [x["scan"] for x in summaries] == [1, 2]
+    frames = simulated()
+    # Offline calibration of the same frames with the same settings (seed 0, 20 frames).
+    chosen, weights = plan_samples(np.arange(1, 105), np.ones(104, bool), seed=0)
+    values = ElectronCounter().values(frames)
+    cal = calibrate([(int(f), int(w), values[f - 1]) for f, w in zip(chosen, weights)],
+                    number_of_samples=1200, seed=0)
+    events, offsets = offline(frames, cal.background_threshold, cal.x_ray_threshold)
+    for summary in summaries:
+        scan = open_counted(summary["path"])
+        ec = scan.metadata["electron_counting"]
+        assert ec["background_threshold"] == cal.background_threshold
+        assert ec["x_ray_threshold"] == cal.x_ray_threshold
+        assert np.array_equal(scan.events, events) and np.array_equal(scan.offsets, offsets)
+        assert scan.loss_summary()["complete"] == 104
+        meta = scan.metadata["fourdstream"]
+        assert meta["ranks"] == ranks and meta["frames_missing"] == 0 and meta["closed_by"] == "end"
+
+
+def test_faults_are_counted_and_the_rest_of_the_scan_is_fine(stream_session):
+    s = stream_session(2, "--scans", 1, "--bg", 28, "--xr", 700)
+    send_all(s, skip=(2,))
+    s.script("faulty_sender.py", 2, SCAN, SEED, "drop:5", "dup:7", "swap:10", "outside:13",
+             "short:15", "garbage:20")
+    rc, output, (summary,) = s.wait()
+    assert rc == 0, output
+    scan = open_counted(summary["path"])
+    meta = scan.metadata["fourdstream"]
+    broken = {4: [2], 12: [2], 14: [2], 19: [2]}     # frame index -> modules that never arrived
+    events, offsets = offline(simulated(), 28, 700, broken)
+    assert np.array_equal(scan.events, events) and np.array_equal(scan.offsets, offsets)
+    for k in range(104):
+        assert scan.sector_mask[k] == (0b1011 if k in broken else 0b1111), k
+    assert (meta["frames_complete"], meta["frames_incomplete"], meta["frames_missing"]) == (100, 4, 0)
+    assert meta["sectors_duplicate"] == 1                  # dup:7
+    assert meta["messages_malformed"] == 2                 # outside:13, short:15
+    assert meta["messages_lost"] == 1                      # garbage:20 never arrived as scan 1's
+    assert "1 malformed" in output                         # ... and is reported for the session
+    assert meta["sectors_received"] == 4 * 104 - 4         # drop, outside, short, garbage
+
+
+def test_killed_sender_closes_the_scan_by_timeout_with_the_loss_reported(stream_session):
+    s = stream_session(2, "--scans", 1, "--bg", 28, "--xr", 700, "--timeout", 2)
+    send_all(s, skip=(1,))
+    s.script("faulty_sender.py", 1, SCAN, SEED, "die:60")
+    t0 = time.time()
+    rc, output, (summary,) = s.wait(timeout=60)
+    assert rc == 0, output
+    assert time.time() - t0 < 30
+    scan = open_counted(summary["path"])
+    meta = scan.metadata["fourdstream"]
+    assert meta["closed_by"] == "timeout" and "no message for 2 s" in output
+    received_1 = (scan.sector_mask & 0b0010) > 0
+    assert received_1[:50].all() and not received_1[59:].any()   # it died before frame 60
+    assert meta["frames_complete"] + meta["frames_incomplete"] == 104 and meta["frames_incomplete"] >= 45
+    events, offsets = offline(simulated(), 28, 700, {k: [1] for k in np.flatnonzero(~received_1)})
+    assert np.array_equal(scan.events, events)
+
+
+@pytest.mark.parametrize("send_timeout", [10.0, 0.02])
+def test_slow_rank_holds_back_senders_and_nothing_is_unaccounted(stream_session, send_timeout):
+    s = stream_session(2, "--scans", 1, "--bg", 28, "--xr", 700, "--window", 8, "--batch-size", 4,
+                       "--hwm", 2, "--timeout", 3, script="slow_receive.py")
+    send_all(s, "--hwm", 2, "--send-timeout", send_timeout)
+    rc, output, (summary,) = s.wait(timeout=90)
+    assert rc == 0, output
+    meta = open_counted(summary["path"]).metadata["fourdstream"]
+    dropped = meta["messages_dropped_by_senders"]
+    if send_timeout > 1:   # blocking policy: the slow rank slows the senders, loses nothing
+        assert dropped == 0 and meta["frames_complete"] == 104 and meta["frames_evicted"] == 0
+    else:                  # senders gave up: every dropped message is reported
+        assert dropped > 0
+    # Every sector message is accounted for: received, dropped by a sender, or lost ...
+    assert meta["messages_received"] + dropped + meta["messages_lost"] == 4 * 104, (meta, output)
+    # ... and every received one was used or counted as late/duplicate/conflicting/malformed.
+    assert meta["messages_received"] == meta["sectors_received"] + meta["sectors_late"] + \
+        meta["sectors_duplicate"] + meta["sectors_conflicting"] + meta["messages_malformed"]
+    assert meta["frames_complete"] + meta["frames_incomplete"] + meta["frames_missing"] == 104
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("fields", [9, 8])
+def test_plain_wire_format_producer_through_the_gateway(stream_session, tmp_path, fields):
+    frames = simulated("6x4")
+    np.save(tmp_path / "frames.npy", frames)
+    s = stream_session(2, "--scans", 1, "--bg", 28, "--xr", 700)
+    producers = f"tcp://127.0.0.1:{_free_port()}"
+    gateway = subprocess.Popen([sys.executable, "-m", "fourdstream", "gateway", "--producers",
+                                producers, "--endpoints-file", str(s.endpoints), "--scans", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    s.senders.append(gateway)
+    for m in range(4):
+        s._start([sys.executable, str(__import__("pathlib").Path(__file__).parent / "plain_producer.py"),
+                  producers, str(tmp_path / "frames.npy"), "7", "4", str(fields), str(m)])
+    rc, output, (summary,) = s.wait(timeout=90)
+    assert rc == 0, output
+    scan = open_counted(summary["path"])
+    events, offsets = offline(frames, 28, 700)
+    assert np.array_equal(scan.events, events) and np.array_equal(scan.offsets, offsets)
+    assert scan.metadata["fourdstream"]["frames_complete"] == 28
+
+
+def test_sigterm_writes_the_scan_in_flight_and_exits_0(stream_session):
+    s = stream_session(2, "--bg", 28, "--xr", 700, "--timeout", 60)
+    send_all(s)
+    for m in range(4):     # scan 2: every module stops after frame 40, no end message
+        s.script("faulty_sender.py", m, SCAN, SEED, "scan=2", "die:41")
+    s.wait(senders_only=True)
+    deadline = time.time() + 30
+    while not (s.out / "scan0000000001.h5").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)        # let scan 2's sectors arrive
+    rank = subprocess.run(["pgrep", "-f", f"receive -o {s.out}"], capture_output=True, text=True)
+    pids = [int(p) for p in rank.stdout.split()]
+    ranks = [p for p in pids if b"mpiexec" not in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert ranks
+    import os
+    os.kill(ranks[-1], signal.SIGTERM)   # one rank is told; it stops the others
+    rc, output, summaries = s.wait(timeout=60)
+    assert rc == 0, output
+    assert [x["scan"] for x in summaries] == [1, 2]
+    second = open_counted(summaries[-1]["path"])
+    meta = second.metadata["fourdstream"]
+    assert meta["closed_by"] == "shutdown"
+    assert meta["frames_complete"] == 40 and meta["frames_missing"] == 64
