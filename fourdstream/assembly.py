@@ -104,6 +104,7 @@ class ScanShare:
         self.announced: dict[str, int] = {}   # sender -> messages it says it sent here
         self.n_received = 0                   # sector messages of this scan received here
         self.ended: set[str] = set()
+        self.first_send = float("inf")
         self.last_send = 0.0
         self.first_message = self.last_message = time.time()
         self.failed: str | None = None        # why the scan cannot be counted
@@ -166,10 +167,12 @@ class ScanShare:
             self._emit(frame)
 
     # -- control -----------------------------------------------------------------
-    def sender_ended(self, sender: str, sent: int, dropped: int, last_send: float) -> None:
+    def sender_ended(self, sender: str, sent: int, dropped: int, first_send: float,
+                     last_send: float) -> None:
         self.ended.add(sender)
         self.announced[sender] = sent
         self.ledger.dropped_by_senders += dropped
+        self.first_send = min(self.first_send, first_send)
         self.last_send = max(self.last_send, last_send)
         self.last_message = time.time()
 

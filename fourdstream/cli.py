@@ -588,12 +588,64 @@ def demo(scan, ranks, output, dose, seed, rate):
                       f"(calibrated from the scan)",
         "loss": ", ".join(f"{k} {v}" for k, v in losses.items()) or "none",
         "throughput": f"{s['frames'] / max(s['seconds'], 1e-9):,.0f} frames/s "
-                      f"(first sector received -> file closed, {s['seconds']:.2f} s)",
+                      f"(first sector sent -> file closed, {s['seconds']:.2f} s)",
         "latency": f"{s['latency']:.2f} s from the last frame sent to the file closed",
     })
     click.echo(f"\nopen it: fourdstream inspect {s['path']} --png bf.png\n"
                f"     or: python -c \"import stempy.io; a = stempy.io.SparseArray.from_hdf5("
                f"'{s['path']}'); print(a.shape)\"")
+
+
+# -- bench ------------------------------------------------------------------------
+@main.command()
+@click.option("--quick", is_flag=True, help="Small sizes: about a minute here (the full run: < 15 min).")
+@click.option("--json", "json_path", default="fourdstream-bench.jsonl", show_default=True,
+              type=click.Path(dir_okay=False), help="Append the run's record (one JSON line) here.")
+@click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Flag figures worse than in this earlier record (exit status 3 if any).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="PNG of the scaling and per-stage rates (default: next to --json).")
+@click.option("--stages", default="counting,transport,write,end_to_end,scaling", show_default=True,
+              help="Comma-separated stages to run.")
+@click.option("--repeats", type=int, default=None, help="Repeats per figure (after one warm-up).")
+@click.option("--cores-per-node", type=int, default=128, show_default=True,
+              help="For the sizing: cores per node (128 on a Perlmutter CPU node).")
+def bench(quick, json_path, compare, plot, stages, repeats, cores_per_node):
+    """Benchmark every stage against a ceiling measured in the same run.
+
+    Prints a table (rates, ceilings, ratios; counting in frames/s per core,
+    transport and writes also in GB/s, latency in s), appends a JSON record,
+    saves a plot, and sizes a job for the 4D Camera line rate (87,000 frames/s).
+    """
+    import dataclasses
+    import json
+
+    from . import bench as harness
+
+    chosen = tuple(x.strip() for x in stages.split(",") if x.strip())
+    unknown = set(chosen) - set(harness.STAGES)
+    if unknown:
+        raise click.UsageError(f"unknown stages {sorted(unknown)}; choose from {harness.STAGES}")
+    cfg = harness.QUICK if quick else harness.FULL
+    cfg = dataclasses.replace(cfg, cores_per_node=cores_per_node,
+                              **({"repeats": repeats} if repeats else {}))
+    t0 = time.perf_counter()
+    record = harness.run(cfg, chosen, log=lambda m: click.echo(f"  {m}", err=True))
+    record["seconds"] = time.perf_counter() - t0
+    click.echo(harness.table(record))
+    with open(json_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    plot = plot or str(Path(json_path).with_suffix(".png"))
+    drew = harness.plot(record, plot)
+    click.echo(f"record appended to {json_path}" + (f"; plot: {plot}" if drew else "")
+               + f"; {record['seconds']:.0f} s")
+    if compare:
+        regressions = harness.compare(harness.load_record(compare), record)
+        for line in regressions:
+            click.echo(line)
+        if regressions:
+            sys.exit(3)
+        click.echo(f"no regression beyond {harness.REGRESSION_TOLERANCE:.0%} against {compare}")
 
 
 if __name__ == "__main__":  # pragma: no cover

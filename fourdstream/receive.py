@@ -239,7 +239,9 @@ class Receiver:
             self._control(head)
             return
         h = head
-        share = self._open_share(h.scan, ScanGeometry(h.width, h.height))
+        share = self.shares.get(h.scan)
+        if share is None or share.closed_by:   # geometry built only for a new scan
+            share = self._open_share(h.scan, ScanGeometry(h.width, h.height))
         if share is None:
             self.session.late += 1
             return
@@ -290,8 +292,9 @@ class Receiver:
         if share is None:
             self.session.late += 1
             return
+        now = time.time()
         share.sender_ended(str(msg["sender"]), int(msg["sent"]), int(msg.get("dropped", 0)),
-                           float(msg.get("last_send", 0.0)))
+                           float(msg.get("first_send", now)), float(msg.get("last_send", now)))
         share.ledger.malformed += int(msg.get("malformed", 0))   # seen by a gateway
 
     def _poll_mpi(self) -> None:
@@ -451,7 +454,7 @@ class Receiver:
             return
         calibration = next(c for c in comm.allgather(share.counting.calibration) if c is not None)
         times = comm.allgather((share.first_message, share.last_message, share.last_send,
-                                share.closed_by))
+                                share.closed_by, share.first_send))
         found = ledger.frames_complete + ledger.frames_incomplete
         provenance = dict(
             counting_provenance(self.template.options, calibration, self.template.backend),
@@ -460,7 +463,8 @@ class Receiver:
             frames_complete=ledger.frames_complete, frames_incomplete=ledger.frames_incomplete,
             frames_missing=max(geometry.n_frames - found, 0),
             closed_by=sorted({t[3] for t in times}), **ledger.provenance(),
-            timings={"first_message": min(t[0] for t in times), "last_message": max(t[1] for t in times),
+            timings={"first_send": min(min(t[4] for t in times), min(t[0] for t in times)),
+                     "first_message": min(t[0] for t in times), "last_message": max(t[1] for t in times),
                      "last_send": max(t[2] for t in times)})
         path = comm.bcast(self._output_path(share.scan) if self.rank == 0 else None, root=0)
         try:
@@ -477,7 +481,7 @@ class Receiver:
                        expected=geometry.n_frames, complete=ledger.frames_complete,
                        incomplete=ledger.frames_incomplete, missing=provenance["frames_missing"],
                        ledger=ledger.as_dict(), closed_by=provenance["closed_by"],
-                       seconds=closed - provenance["timings"]["first_message"],
+                       seconds=closed - provenance["timings"]["first_send"],
                        latency=closed - last_send, write_seconds=report.seconds_total,
                        thresholds=(calibration.background_threshold, calibration.x_ray_threshold))
         if self.rank == 0:

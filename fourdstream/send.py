@@ -33,6 +33,7 @@ class ScanCounts:
 
     sent: np.ndarray
     dropped: np.ndarray
+    first_send: float = 0.0
     last_send: float = 0.0
 
 
@@ -83,6 +84,7 @@ class Router:
             return False
         counts.sent[rank] += 1
         counts.last_send = time.time()
+        counts.first_send = counts.first_send or counts.last_send
         return True
 
     def end(self, scan: int, **extra) -> ScanCounts:
@@ -92,7 +94,8 @@ class Router:
         for r, s in enumerate(self.sockets):
             self._send_control(s, wire.encode_control(
                 "end", scan=scan, sender=self.sender, sent=int(counts.sent[r]),
-                dropped=int(counts.dropped[r]), last_send=counts.last_send or time.time(), **extra))
+                dropped=int(counts.dropped[r]), first_send=counts.first_send or time.time(),
+                last_send=counts.last_send or time.time(), **extra))
         return counts
 
     @staticmethod

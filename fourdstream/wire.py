@@ -16,7 +16,8 @@ can feed fourdstream: a two-part ZeroMQ message,
 * ``begin``: ``scan, sender, width, height, frames_per_position, flyback, frames``
   (frames the scan holds); sent by every sender to every rank before its data;
 * ``end``: ``scan, sender, sent`` (sector messages this sender sent to this rank
-  for the scan), ``dropped`` (messages it gave up on), ``last_send`` (Unix time).
+  for the scan), ``dropped`` (messages it gave up on), ``first_send`` and
+  ``last_send`` (Unix times of its first and last sector of the scan).
 """
 
 from __future__ import annotations

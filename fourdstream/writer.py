@@ -358,7 +358,9 @@ def _finish(tmp: Path, path: Path, geometry: ScanGeometry, fpp: int, electron_co
         for start in range(0, n_slots, VLEN_CHUNK):
             stop = min(start + VLEN_CHUNK, n_slots)
             off = offsets[start:stop + 1].astype(np.int64)
-            frames[start:stop] = events_as_objects(g["events"][off[0]:off[-1]], off)
+            # write_direct: slice assignment turns equal-length pieces into a 2-D array
+            frames.write_direct(events_as_objects(g["events"][off[0]:off[-1]], off),
+                                dest_sel=np.s_[start:stop])
         meta = f.create_group("metadata")
         _write_attrs(meta.create_group("electron_counting"), electron_counting)
         _write_attrs(meta.create_group("fourdstream"), dict(

@@ -204,3 +204,23 @@ def test_missing_output_folder_is_a_clear_error(raw_scans, tmp_path):
     folder, _, _ = raw_scans[1, True]
     proc = run_count(1, folder, tmp_path / "nope" / "c.h5", "--bg", 28, "--xr", 700)
     assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("per_frame", [0, 3])
+def test_frames_with_equal_event_counts_are_written(tmp_path, per_frame):
+    """Equal-length vlen pieces are a numpy/h5py trap (they broadcast as a 2-D array)."""
+    from fourdstream.sparse import CountedFrames
+    from fourdstream.writer import write_counted_scan
+
+    g = ScanGeometry(4, 3)
+    n = g.n_frames
+    events = np.tile(np.arange(per_frame, dtype=np.uint32) * 7, n)
+    counted = CountedFrames(events, np.arange(n + 1, dtype=np.int64) * per_frame,
+                            np.arange(n, dtype=np.uint32), np.arange(n), np.full(n, 15, np.uint8))
+    out = tmp_path / "even.h5"
+    write_counted_scan(out, counted, g, electron_counting={}, provenance={})
+    scan = open_counted(out)
+    assert scan.n_events == n * per_frame
+    assert all(np.array_equal(scan.slot(p), events[:per_frame]) for p in range(n))
+    with h5py.File(out) as f:
+        assert [len(x) for x in f["electron_events/frames"][()]] == [per_frame] * n

@@ -1,0 +1,641 @@
+"""Benchmark harness: every stage measured against its ceiling, in one run, on one machine.
+
+Stages and their ceilings (each measured in the same run, right next to the stage):
+
+* **counting**: the kernel's frames/s on one core vs one numpy memory pass over
+  the same frames (``frames.max()``: reading every pixel once), vs one threshold
+  pass (``flatnonzero(frames > bg)``: the least any counting method must do), and
+  vs stempy's ``electron_count_frame``;
+* **transport**: 4 module senders -> one rank's 4 sockets, decoded and assembled
+  into frames (fourdstream's own path), vs raw pyzmq PUSH/PULL of the same
+  number of 165,888-byte messages with the same 4 processes;
+* **write**: GB/s of events written collectively by 1..N ranks vs a sequential
+  raw write of the same bytes, without and with fsync;
+* **end to end**: a streamed scan, first sector sent -> file closed, vs the lower
+  of two ceilings run with the same processes (4 senders, R ranks): the
+  transport alone (ranks receive and assemble but do not count) and the
+  counting alone (R ranks counting frames already in memory); plus the latency
+  from the last frame sent to the file closed;
+* **scaling**: end to end and counting alone with 1, 2, 4 ranks.
+
+Every figure is repeated after a warm-up and reported as min/median/max. The
+record (machine, versions, parameters, figures, sizing for the 4D Camera line
+rate) is appended to a JSON-lines file; ``--compare`` flags regressions against
+an earlier record; a PNG shows the scaling and the per-stage rates.
+
+Workers (``python -m fourdstream.bench _worker ...``) run the parts that need
+their own processes or an mpiexec job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .detector import FRAME_PIXELS, SECTOR_BYTES
+
+LINE_RATE_FPS = 87_000           #: 4D Camera frames/s
+LINE_RATE_GBPS = 57.7            #: 4D Camera pixel payload, GB/s
+REGRESSION_TOLERANCE = 0.15      #: --compare flags changes worse than this fraction
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sizes of one harness run."""
+
+    repeats: int = 3
+    count_frames: int = 256
+    stempy_frames: int = 8
+    transport_frames: int = 1000
+    write_events: int = 4_000_000
+    write_ranks: tuple = (1, 2, 4)
+    stream_scan: str = "32x32"
+    stream_ranks: int = 2
+    scaling_ranks: tuple = (1, 2, 4)
+    cores_per_node: int = 128
+
+
+QUICK = Config()
+FULL = Config(repeats=5, count_frames=1024, stempy_frames=32, transport_frames=4000,
+              write_events=40_000_000, write_ranks=(1, 2, 3, 4), stream_scan="64x64")
+
+
+def _stats(values) -> dict:
+    values = [float(v) for v in values]
+    return {"min": min(values), "median": statistics.median(values), "max": max(values),
+            "values": values}
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _free_port_block(n: int) -> int:
+    """A base port with ``n`` consecutive ports free on loopback (best effort)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65535 and all(_port_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no block of free loopback ports found")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _python(*args) -> list[str]:
+    return [sys.executable, "-m", "fourdstream.bench", *map(str, args)]
+
+
+# == stages =========================================================================
+def bench_counting(cfg: Config, log) -> dict:
+    from . import backend
+    from .counting import ElectronCounter
+    from .detector import ScanGeometry
+    from .pipeline import CountingOptions, ScanCounting
+    from .simulate import Simulator
+
+    n = cfg.count_frames
+    frames = Simulator(ScanGeometry(n, 1), dose=150, seed=1, pattern="disc").frames(0, n)[0]
+    calib = ScanCounting(CountingOptions(backend="cpu"))
+    chosen, weights = calib.plan_samples(np.arange(1, n + 1), np.full(n, 0b1111))
+    cal = calib.calibrate({int(f): (int(w), frames[f - 1]) for f, w in zip(chosen, weights)})
+    bg, xr = cal.background_threshold, cal.x_ray_threshold
+    log(f"counting: {n} frames, NCEM settings -> bg {bg:.1f}, xr {xr:.0f} ADU")
+    counter = ElectronCounter(cal.thresholds)
+    out = {"frames": n, "thresholds": [bg, xr],
+           "numpy_fps": _stats(n / t for t in _timed(lambda: counter.count(frames), cfg.repeats)),
+           "memory_pass_fps": _stats(n / t for t in _timed(lambda: frames.max(axis=(1, 2)),
+                                                           cfg.repeats)),
+           "threshold_pass_fps": _stats(n / t for t in _timed(lambda: np.flatnonzero(frames > bg),
+                                                              cfg.repeats))}
+    try:
+        from stempy.image import electron_count_frame
+        k = cfg.stempy_frames
+        out["stempy_fps"] = _stats(k / t for t in _timed(
+            lambda: [electron_count_frame(f, background_threshold=bg, xray_threshold=xr)
+                     for f in frames[:k]], cfg.repeats))
+    except ImportError:
+        out["stempy_fps"] = None
+    xp, description = backend.select("auto")
+    if xp is not np:
+        gpu = ElectronCounter(cal.thresholds, xp=xp)
+        dev = xp.asarray(frames)
+
+        def on_gpu():
+            gpu.count(dev)
+            xp.cuda.Device().synchronize()
+        out["cupy_fps"] = _stats(n / t for t in _timed(on_gpu, cfg.repeats))
+    out["backends"] = ["numpy"] + (["cupy"] if xp is not np else [])
+    out["ratio_to_memory_pass"] = out["numpy_fps"]["median"] / out["memory_pass_fps"]["median"]
+    out["ratio_to_threshold_pass"] = out["numpy_fps"]["median"] / out["threshold_pass_fps"]["median"]
+    if out["stempy_fps"]:
+        out["speedup_vs_stempy"] = out["numpy_fps"]["median"] / out["stempy_fps"]["median"]
+    return out
+
+
+def bench_transport(cfg: Config, log) -> dict:
+    n = cfg.transport_frames
+    log(f"transport: 4 senders -> 4 sockets of one rank, {n} frames ({4 * n} messages)")
+    raw, ours = [], []
+    for _ in range(cfg.repeats + 1):     # the first pair is the warm-up
+        raw.append(_transport_once(n, raw=True))
+        ours.append(_transport_once(n, raw=False))
+    raw, ours = raw[1:], ours[1:]
+    fps = lambda secs: _stats(n / s for s in secs)
+    gbps = lambda secs: _stats(4 * n * SECTOR_BYTES / s / 1e9 for s in secs)
+    out = {"frames": n, "raw_pyzmq_fps": fps(raw), "raw_pyzmq_gbps": gbps(raw),
+           "fourdstream_fps": fps(ours), "fourdstream_gbps": gbps(ours)}
+    out["ratio"] = out["fourdstream_fps"]["median"] / out["raw_pyzmq_fps"]["median"]
+    return out
+
+
+def _transport_once(n: int, raw: bool) -> float:
+    """Seconds from the first to the last of 4n sector messages at one consumer."""
+    import zmq
+
+    from .assembly import FramePool, ScanShare
+    from .detector import ScanGeometry
+    from . import wire
+
+    base = _free_port_block(4)
+    ctx = zmq.Context()
+    socks = []
+    for m in range(4):
+        s = ctx.socket(zmq.PULL)
+        s.setsockopt(zmq.RCVHWM, 100)
+        s.bind(f"tcp://127.0.0.1:{base + m}")
+        socks.append(s)
+    width = max(int(np.ceil(np.sqrt(n))), 1)
+    height = -(-n // width)
+    if raw:
+        procs = [subprocess.Popen(_python("_raw_push", f"tcp://127.0.0.1:{base + m}", n)) for m in range(4)]
+    else:
+        procs = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--module", str(m),
+                                   "--simulate", f"{width}x{height}", "--no-flyback", "--pool-frames", "64",
+                                   "--connect", f"tcp://127.0.0.1:{base}", "--ranks", "1"],
+                                  stdout=subprocess.DEVNULL) for m in range(4)]
+    pool = FramePool(256)
+    share = ScanShare(1, ScanGeometry(width, height), pool)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    expected = 4 * (n if raw else width * height)
+    received, t0 = 0, None
+    deadline = time.time() + 120
+    while received < expected and time.time() < deadline:
+        for s in dict(poller.poll(100)):
+            while True:
+                try:
+                    parts = s.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                t0 = t0 or time.perf_counter()
+                if raw:
+                    received += 1
+                    continue
+                kind, h, payload = wire.decode(parts)
+                if kind == "data":
+                    received += 1
+                    share.add(h.frame, h.module, h.y * width + h.x, payload)
+                    if share.ready:
+                        pool.give(slot for slot, *_ in share.ready)
+                        share.ready.clear()
+    seconds = time.perf_counter() - t0 if t0 else float("nan")
+    for p in procs:
+        p.wait(timeout=60)
+    for s in socks:
+        s.close(linger=0)
+    ctx.term()
+    if received < expected:
+        raise RuntimeError(f"transport benchmark: {received} of {expected} messages arrived")
+    return seconds * n / (expected / 4)   # seconds per n frames
+
+
+def bench_write(cfg: Config, folder: Path, log) -> dict:
+    nbytes = cfg.write_events * 4
+    log(f"write: {cfg.write_events / 1e6:.0f} M events ({nbytes / 1e6:.0f} MB) collectively, "
+        f"ranks {list(cfg.write_ranks)}")
+    data = np.random.default_rng(0).integers(0, FRAME_PIXELS, cfg.write_events).astype(np.uint32)
+    raw_path = folder / "raw_write.bin"
+
+    def raw_write(fsync: bool):
+        with open(raw_path, "wb") as f:
+            data.tofile(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    out = {"bytes": nbytes,
+           "raw_write_gbps": _stats(nbytes / t / 1e9 for t in _timed(lambda: raw_write(False), cfg.repeats)),
+           "raw_write_fsync_gbps": _stats(nbytes / t / 1e9 for t in _timed(lambda: raw_write(True),
+                                                                           cfg.repeats)),
+           "ranks": {}}
+    raw_path.unlink()
+    for n in cfg.write_ranks:
+        worker = _run_mpi(n, "_write_worker", str(folder / f"write_{n}.h5"), cfg.write_events,
+                          cfg.repeats + 1)
+        runs = worker["runs"][1:]   # the first one is the warm-up
+        out["ranks"][str(n)] = {
+            "collective_gbps": _stats(nbytes / r["collective"] / 1e9 for r in runs),
+            "total_gbps": _stats(nbytes / r["total"] / 1e9 for r in runs),
+            "stempy_view_seconds": _stats(r["stempy_view"] for r in runs),
+            "parallel_hdf5": worker["parallel"]}
+        out["ranks"][str(n)]["ratio"] = (out["ranks"][str(n)]["collective_gbps"]["median"]
+                                         / out["raw_write_gbps"]["median"])
+    return out
+
+
+def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) -> dict:
+    """End to end with ``ranks`` ranks; with ``ceilings``, also transport and counting alone."""
+    out = {"ranks": ranks, "scan": cfg.stream_scan}
+    modes = ("full", "transport") if ceilings else ("full",)
+    for mode in modes:
+        runs = [_stream_once(cfg.stream_scan, ranks, mode, folder / f"{mode}{ranks}_{i}")
+                for i in range(cfg.repeats + 1)][1:]
+        out[f"{mode}_fps"] = _stats(r["frames"] / r["seconds"] for r in runs)
+        if mode == "full":
+            out["latency_seconds"] = _stats(r["latency"] for r in runs)
+            out["frames"] = runs[0]["frames"]
+            out["complete"] = min(r["complete"] for r in runs)
+        log(f"stream {mode}, {ranks} rank(s): {out[f'{mode}_fps']['median']:,.0f} frames/s")
+    counting = _run_mpi(ranks, "_count_worker", 256, cfg.repeats)
+    out["counting_alone_fps"] = _stats(counting["fps"])
+    if ceilings:
+        ceiling = min(out["transport_fps"]["median"], out["counting_alone_fps"]["median"])
+        out["ceiling_fps"] = ceiling
+        out["ratio"] = out["full_fps"]["median"] / ceiling
+    return out
+
+
+def _stream_once(scan: str, ranks: int, mode: str, folder: Path) -> dict:
+    from .launch import mpi_environment, mpiexec_command
+    from .transport import read_endpoints
+
+    folder.mkdir(parents=True)
+    endpoints, summary = folder / "endpoints.json", folder / "summary.json"
+    receiver = subprocess.Popen(mpiexec_command(ranks, _python(
+        "_receive", mode, "receive", "-o", folder, "--endpoints-file", endpoints, "--scans", 1,
+        "--summary-json", summary)), env=mpi_environment(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        read_endpoints(endpoints, wait=60)
+        senders = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--module", str(m),
+                                     "--simulate", scan, "--pool-frames", "256", "--endpoints-file",
+                                     str(endpoints)], stdout=subprocess.DEVNULL) for m in range(4)]
+        for p in senders:
+            p.wait(timeout=300)
+        _, err = receiver.communicate(timeout=300)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+    if receiver.returncode or not summary.exists():
+        raise RuntimeError(f"benchmark receiver ({mode}) failed: {err[-2000:]}")
+    (s,) = json.loads(summary.read_text())
+    return s
+
+
+def _run_mpi(n: int, worker: str, *args) -> dict:
+    from .launch import mpi_environment, mpiexec_command
+
+    proc = subprocess.run(mpiexec_command(n, _python(worker, *args)), env=mpi_environment(),
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"benchmark worker {worker} on {n} ranks failed: {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+# == sizing, record, report ==========================================================
+def sizing(record: dict, cores_per_node: int) -> dict:
+    """Ranks (one per core) and nodes each stage needs for the 4D Camera line rate."""
+    cpus = record["machine"]["cpu_count"]
+    st = record["stages"]
+    per_core = {}
+    if "counting" in st:
+        per_core["counting"] = st["counting"]["numpy_fps"]["median"]
+    if "transport" in st:   # the whole machine ran it: rate per core used
+        per_core["transport"] = st["transport"]["fourdstream_fps"]["median"] / cpus
+    if "end_to_end" in st:
+        per_core["end_to_end"] = st["end_to_end"]["full_fps"]["median"] / cpus
+    out = {"line_rate_fps": LINE_RATE_FPS, "line_rate_gbps": LINE_RATE_GBPS,
+           "cores_per_node": cores_per_node, "stages": {}}
+    for stage, rate in per_core.items():
+        ranks = int(np.ceil(LINE_RATE_FPS / rate))
+        out["stages"][stage] = {"frames_per_s_per_core": rate, "ranks": ranks,
+                                "nodes": int(np.ceil(ranks / cores_per_node))}
+    if out["stages"]:
+        out["bottleneck"] = max(out["stages"], key=lambda s: out["stages"][s]["ranks"])
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "python": platform.python_version()}
+
+
+def versions() -> dict:
+    out = {"fourdstream": __version__}
+    for name in ("numpy", "zmq", "h5py", "mpi4py", "stempy", "cupy"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
+STAGES = ("counting", "transport", "write", "end_to_end", "scaling")
+
+
+def run(cfg: Config, stages=STAGES, log=print) -> dict:
+    """Run the harness; returns the JSON record."""
+    record = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+              "versions": versions(), "parameters": dataclasses.asdict(cfg), "stages": {}}
+    with tempfile.TemporaryDirectory(prefix="fourdstream-bench-") as tmp:
+        folder = Path(tmp)
+        if "counting" in stages:
+            record["stages"]["counting"] = bench_counting(cfg, log)
+        if "transport" in stages:
+            record["stages"]["transport"] = bench_transport(cfg, log)
+        if "write" in stages:
+            record["stages"]["write"] = bench_write(cfg, folder, log)
+        if "end_to_end" in stages:
+            record["stages"]["end_to_end"] = bench_stream(cfg, cfg.stream_ranks, folder, log,
+                                                          ceilings=True)
+        if "scaling" in stages:
+            runs = {}
+            for n in cfg.scaling_ranks:
+                e2e = record["stages"].get("end_to_end", {})
+                runs[str(n)] = e2e if e2e.get("ranks") == n else bench_stream(cfg, n, folder, log,
+                                                                              ceilings=False)
+            record["stages"]["scaling"] = {"ranks": runs}
+    record["sizing"] = sizing(record, cfg.cores_per_node)
+    return record
+
+
+def table(record: dict) -> str:
+    """The human-readable report."""
+    st, rows = record["stages"], []
+    med = lambda fig: fig["median"]
+
+    def row(stage, rate, ceiling, ratio):
+        rows.append((stage, rate, ceiling, ratio))
+
+    if "counting" in st:
+        c = st["counting"]
+        row("counting, numpy (1 core)", f"{med(c['numpy_fps']):,.0f} frames/s",
+            f"memory pass {med(c['memory_pass_fps']):,.0f} frames/s", f"{c['ratio_to_memory_pass']:.2f}")
+        row("counting vs threshold pass", f"{med(c['numpy_fps']):,.0f} frames/s",
+            f"flatnonzero(f > bg) {med(c['threshold_pass_fps']):,.0f} frames/s",
+            f"{c['ratio_to_threshold_pass']:.2f}")
+        if c.get("stempy_fps"):
+            row("counting vs stempy 3.6", f"{med(c['numpy_fps']):,.0f} frames/s",
+                f"stempy {med(c['stempy_fps']):,.0f} frames/s", f"{c['speedup_vs_stempy']:.0f}x")
+        if c.get("cupy_fps"):
+            row("counting, cupy (GPU)", f"{med(c['cupy_fps']):,.0f} frames/s", "", "")
+    if "transport" in st:
+        t = st["transport"]
+        row("transport 4 senders -> rank", f"{med(t['fourdstream_fps']):,.0f} frames/s "
+            f"({med(t['fourdstream_gbps']):.2f} GB/s)", f"raw pyzmq {med(t['raw_pyzmq_fps']):,.0f} "
+            f"frames/s ({med(t['raw_pyzmq_gbps']):.2f} GB/s)", f"{t['ratio']:.2f}")
+    if "write" in st:
+        w = st["write"]
+        for n, r in w["ranks"].items():
+            row(f"collective write, {n} rank(s)", f"{med(r['collective_gbps']):.2f} GB/s "
+                f"(+ stempy view {med(r['stempy_view_seconds']):.2f} s)",
+                f"raw write {med(w['raw_write_gbps']):.2f} GB/s (fsync "
+                f"{med(w['raw_write_fsync_gbps']):.2f})", f"{r['ratio']:.2f}")
+    if "end_to_end" in st:
+        e = st["end_to_end"]
+        row(f"end to end, {e['ranks']} ranks, {e['scan']}", f"{med(e['full_fps']):,.0f} frames/s",
+            f"min(transport {med(e['transport_fps']):,.0f}, counting {med(e['counting_alone_fps']):,.0f})",
+            f"{e['ratio']:.2f}")
+        row("latency: last frame sent -> file closed", f"{med(e['latency_seconds']):.2f} s", "", "")
+    if "scaling" in st:
+        for n, r in st["scaling"]["ranks"].items():
+            row(f"scaling, {n} rank(s)", f"{med(r['full_fps']):,.0f} frames/s end to end",
+                f"counting alone {med(r['counting_alone_fps']):,.0f} frames/s", "")
+    widths = [max(len(r[i]) for r in rows + [("stage", "rate (median)", "ceiling (median)", "ratio")])
+              for i in range(4)]
+    lines = [f"{'stage':<{widths[0]}}  {'rate (median)':<{widths[1]}}  {'ceiling (median)':<{widths[2]}}  ratio"]
+    lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows]
+    m = record["machine"]
+    lines.append(f"machine: {m['hostname']}, {m['cpu_count']} CPUs ({m['cpu']}); "
+                 f"repeats {record['parameters']['repeats']} after a warm-up")
+    sz = record.get("sizing", {})
+    if sz.get("stages"):
+        lines.append(f"sizing for the line rate ({LINE_RATE_FPS:,} frames/s, {LINE_RATE_GBPS} GB/s), "
+                     f"{sz['cores_per_node']} cores/node:")
+        for stage, s in sz["stages"].items():
+            lines.append(f"  {stage:<11} {s['frames_per_s_per_core']:>8,.0f} frames/s/core -> "
+                         f"{s['ranks']:,} ranks, {s['nodes']} node(s)")
+        lines.append(f"  bottleneck: {sz['bottleneck']}")
+    return "\n".join(lines)
+
+
+def _figures(record: dict, prefix: str = ""):
+    """(path, median, higher_is_better) for every figure of a record."""
+    def walk(node, path):
+        if isinstance(node, dict):
+            if "median" in node and "values" in node:
+                yield path, node["median"], not path.endswith("seconds")
+                return
+            for k, v in node.items():
+                yield from walk(v, f"{path}/{k}" if path else k)
+    yield from walk(record.get("stages", {}), prefix)
+
+
+def compare(old: dict, new: dict, tolerance: float = REGRESSION_TOLERANCE) -> list[str]:
+    """Lines describing each figure that got worse by more than ``tolerance``."""
+    before = {p: v for p, v, _ in _figures(old)}
+    out = []
+    for path, value, higher_better in _figures(new):
+        if path not in before or not before[path]:
+            continue
+        change = value / before[path] - 1
+        worse = -change if higher_better else change
+        if worse > tolerance:
+            out.append(f"REGRESSION {path}: {before[path]:.4g} -> {value:.4g} ({change:+.0%})")
+    return out
+
+
+def load_record(path) -> dict:
+    """A single JSON record, or the last record of a JSON-lines results file."""
+    text = Path(path).read_text().strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return json.loads(text.splitlines()[-1])
+
+
+def plot(record: dict, path) -> bool:
+    """Scaling and per-stage rates as a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = record["stages"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if "scaling" in st:
+        ranks = sorted(st["scaling"]["ranks"], key=int)
+        x = [int(r) for r in ranks]
+        for key, label in (("full_fps", "end to end"), ("counting_alone_fps", "counting alone")):
+            ax1.errorbar(x, [st["scaling"]["ranks"][r][key]["median"] for r in ranks],
+                         yerr=[[st["scaling"]["ranks"][r][key]["median"] - st["scaling"]["ranks"][r][key]["min"]
+                                for r in ranks],
+                               [st["scaling"]["ranks"][r][key]["max"] - st["scaling"]["ranks"][r][key]["median"]
+                                for r in ranks]], marker="o", capsize=3, label=label)
+        ax1.set_xticks(x)
+        ax1.set_xlabel("MPI ranks")
+        ax1.set_ylabel("frames/s")
+        ax1.set_title(f"scaling ({record['machine']['cpu_count']} CPUs)")
+        ax1.legend()
+    bars = []
+    if "counting" in st:
+        bars += [("count numpy", st["counting"]["numpy_fps"]["median"]),
+                 ("memory pass", st["counting"]["memory_pass_fps"]["median"])]
+        if st["counting"].get("stempy_fps"):
+            bars.append(("stempy", st["counting"]["stempy_fps"]["median"]))
+    if "transport" in st:
+        bars += [("transport", st["transport"]["fourdstream_fps"]["median"]),
+                 ("raw pyzmq", st["transport"]["raw_pyzmq_fps"]["median"])]
+    if "end_to_end" in st:
+        bars.append(("end to end", st["end_to_end"]["full_fps"]["median"]))
+    if bars:
+        ax2.barh([b[0] for b in bars][::-1], [b[1] for b in bars][::-1], color="tab:blue")
+        ax2.set_xscale("log")
+        ax2.set_xlabel("frames/s (log)")
+        ax2.set_title("stages and ceilings (medians)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# == workers =========================================================================
+def _raw_push(url: str, n: str) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 1000)
+    s.connect(url)
+    payload = np.zeros(SECTOR_BYTES, np.uint8)
+    for _ in range(int(n)):
+        s.send(payload, copy=False)
+    s.close(linger=60000)
+    ctx.term()
+
+
+def _write_worker(path: str, events: str, repeats: str) -> None:
+    from mpi4py import MPI
+
+    from .detector import ScanGeometry
+    from .sparse import CountedFrames
+    from .writer import write_counted_scan
+
+    comm = MPI.COMM_WORLD
+    total, per_frame = int(events), 100
+    n_frames = total // per_frame
+    g = ScanGeometry(max(int(np.sqrt(n_frames)), 1), max(n_frames // max(int(np.sqrt(n_frames)), 1), 1))
+    lo, hi = g.position_blocks(comm.size)[comm.rank:comm.rank + 2]
+    n = hi - lo
+    rng = np.random.default_rng(comm.rank)
+    counted = CountedFrames(rng.integers(0, FRAME_PIXELS, n * per_frame).astype(np.uint32),
+                            np.arange(n + 1, dtype=np.int64) * per_frame,
+                            np.arange(lo, hi, dtype=np.uint32), np.arange(lo, hi),
+                            np.full(n, 0b1111, np.uint8))
+    runs = []
+    for _ in range(int(repeats)):
+        comm.Barrier()
+        rep = write_counted_scan(path, counted, g, electron_counting={}, provenance={}, comm=comm,
+                                 overwrite=True)
+        runs.append({"collective": rep.seconds_collective, "stempy_view": rep.seconds_stempy_view,
+                     "total": rep.seconds_total})
+    if comm.rank == 0:
+        Path(path).unlink()
+        print(json.dumps({"runs": runs, "parallel": rep.parallel, "events": rep.n_events}))
+
+
+def _count_worker(frames: str, repeats: str) -> None:
+    """Every rank counts ``frames`` frames from memory; rank 0 prints the total frames/s."""
+    from mpi4py import MPI
+
+    from .counting import ElectronCounter, Thresholds
+    from .detector import ScanGeometry
+    from .simulate import Simulator
+
+    comm = MPI.COMM_WORLD
+    n = int(frames)
+    data = Simulator(ScanGeometry(n, 1), dose=150, seed=comm.rank, pattern="disc").frames(0, n)[0]
+    counter = ElectronCounter(Thresholds(28.0, 700.0))
+    counter.count(data[:16])
+    fps = []
+    for _ in range(int(repeats)):
+        comm.Barrier()
+        t0 = MPI.Wtime()
+        counter.count(data)
+        seconds = comm.allreduce(MPI.Wtime() - t0, op=MPI.MAX)
+        fps.append(n * comm.size / seconds)
+    if comm.rank == 0:
+        print(json.dumps({"fps": fps}))
+
+
+def _receive(mode: str, *argv: str) -> None:
+    """``fourdstream receive`` with the counting switched off in ``transport`` mode."""
+    from . import pipeline
+    from .cli import main
+    from .sparse import CountedFrames
+
+    if mode == "transport":
+        def assemble_only(self, frames, frame_number, position, mask):
+            empty = CountedFrames.empty()
+            n = len(frame_number)
+            return CountedFrames(empty.events, np.zeros(n + 1, np.int64), np.asarray(frame_number, np.uint32),
+                                 np.asarray(position, np.int64), np.asarray(mask, np.uint8))
+        pipeline.ScanCounting.count = assemble_only
+    main(list(argv))
+
+
+WORKERS = {"_raw_push": _raw_push, "_write_worker": _write_worker, "_count_worker": _count_worker,
+           "_receive": _receive}
+
+if __name__ == "__main__":
+    WORKERS[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,75 @@
+"""The benchmark harness runs every stage and records every field (no timing assertions)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fourdstream import bench
+from fourdstream.cli import main
+
+TINY = bench.Config(repeats=1, count_frames=24, stempy_frames=2, transport_frames=60,
+                    write_events=50_000, write_ranks=(1, 2), stream_scan="6x6",
+                    stream_ranks=2, scaling_ranks=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def record():
+    return bench.run(TINY, log=lambda m: None)
+
+
+def _is_stats(x):
+    return set(x) == {"min", "median", "max", "values"} and x["min"] <= x["median"] <= x["max"]
+
+
+def test_every_stage_reports_rates_ceilings_and_ratios(record):
+    st = record["stages"]
+    assert set(st) == set(bench.STAGES)
+    c = st["counting"]
+    for key in ("numpy_fps", "memory_pass_fps", "threshold_pass_fps", "stempy_fps"):
+        assert _is_stats(c[key]), key
+    assert c["ratio_to_memory_pass"] > 0 and c["speedup_vs_stempy"] > 0 and c["backends"][0] == "numpy"
+    t = st["transport"]
+    for key in ("raw_pyzmq_fps", "raw_pyzmq_gbps", "fourdstream_fps", "fourdstream_gbps"):
+        assert _is_stats(t[key]), key
+    w = st["write"]
+    assert _is_stats(w["raw_write_gbps"]) and _is_stats(w["raw_write_fsync_gbps"])
+    assert set(w["ranks"]) == {"1", "2"}
+    for r in w["ranks"].values():
+        assert _is_stats(r["collective_gbps"]) and _is_stats(r["stempy_view_seconds"]) and r["ratio"] > 0
+    e = st["end_to_end"]
+    for key in ("full_fps", "transport_fps", "counting_alone_fps", "latency_seconds"):
+        assert _is_stats(e[key]), key
+    assert e["frames"] == 42 and e["complete"] == 42 and e["ratio"] > 0
+    assert set(st["scaling"]["ranks"]) == {"1", "2"}
+    assert record["machine"]["cpu_count"] >= 1 and record["versions"]["fourdstream"]
+    sz = record["sizing"]
+    assert sz["bottleneck"] in sz["stages"] and all(s["ranks"] >= 1 for s in sz["stages"].values())
+
+
+def test_table_plot_and_compare(record, tmp_path):
+    text = bench.table(record)
+    for words in ("counting, numpy", "raw pyzmq", "collective write", "end to end", "latency",
+                  "scaling", "bottleneck"):
+        assert words in text
+    assert bench.plot(record, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 1000
+    assert bench.compare(record, record) == []
+    worse = json.loads(json.dumps(record))
+    worse["stages"]["counting"]["numpy_fps"]["median"] /= 2
+    worse["stages"]["end_to_end"]["latency_seconds"]["median"] *= 3
+    flagged = bench.compare(record, worse)
+    assert any("counting/numpy_fps" in line for line in flagged)
+    assert any("latency_seconds" in line for line in flagged)
+
+
+def test_cli_appends_a_record_and_flags_regressions(record, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run", lambda cfg, stages, log: json.loads(json.dumps(record)))
+    results = tmp_path / "r.jsonl"
+    r = CliRunner().invoke(main, ["bench", "--quick", "--json", str(results)])
+    assert r.exit_code == 0, r.output
+    better = json.loads(results.read_text().splitlines()[-1])
+    better["stages"]["counting"]["numpy_fps"]["median"] *= 10
+    (tmp_path / "old.json").write_text(json.dumps(better))
+    r = CliRunner().invoke(main, ["bench", "--json", str(results), "--compare", str(tmp_path / "old.json")])
+    assert r.exit_code == 3 and "REGRESSION counting/numpy_fps" in r.output
+    assert len(results.read_text().splitlines()) == 2
