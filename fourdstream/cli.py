@@ -76,9 +76,15 @@ def _summary(title: str, rows: dict) -> None:
 
 
 # -- shared options ---------------------------------------------------------------
-def counting_options(func):
-    """Options of every command that counts (count, receive, gateway, demo)."""
-    opts = [
+def _option_group(*options):
+    """A decorator applying ``options`` in the order given (as stacked decorators would)."""
+    def decorate(func):
+        return functools.reduce(lambda f, opt: opt(f), reversed(options), func)
+    return decorate
+
+
+#: Options of every command that counts (count, receive).
+counting_options = _option_group(
         click.option("--background-threshold", "--bg", type=float, default=None,
                      help="Fixed background threshold (ADU, after dark/gain); needs --xray-threshold. "
                           "Default: calibrated per scan."),
@@ -105,8 +111,7 @@ def counting_options(func):
                      show_default=True, help="Array backend: numpy (cpu) or CuPy (gpu)."),
         click.option("--batch-size", type=int, default=32, show_default=True,
                      help="Frames counted per batch."),
-    ]
-    return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
+)
 
 
 def make_counting_options(kw: dict):
@@ -329,9 +334,8 @@ def _save_png(image, path, title: str) -> None:
 
 
 # -- streaming ----------------------------------------------------------------------
-def sender_endpoint_options(func):
-    """Where a sender's messages go (send, gateway)."""
-    opts = [
+#: Where a sender's messages go (send, gateway).
+sender_endpoint_options = _option_group(
         click.option("--endpoints-file", type=click.Path(dir_okay=False), default=None,
                      help="Connect to the ranks listed in this file (written by `fourdstream "
                           "receive --endpoints-file`; waits for it to appear)."),
@@ -347,8 +351,7 @@ def sender_endpoint_options(func):
         click.option("--send-timeout", type=float, default=10.0, show_default=True,
                      help="Seconds a send may block (receiver full) before the message is dropped "
                           "and reported."),
-    ]
-    return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
+)
 
 
 @main.command()
@@ -423,8 +426,8 @@ def send(module, threads, scan, replay, dose, seed, frames_per_position, flyback
                + (f", {dropped:,} DROPPED after --send-timeout" if dropped else ""))
 
 
-def receiver_endpoint_options(func):
-    opts = [
+#: Where a receiver rank listens or connects (receive).
+receiver_endpoint_options = _option_group(
         click.option("--listen", default=None,
                      help="Ranks bind tcp://HOST:PORT (rank r, module m at PORT+4r+m; PORT may be "
                           "* for free ports). Default tcp://127.0.0.1:* when --connect is not given."),
@@ -435,8 +438,7 @@ def receiver_endpoint_options(func):
                      help="Rank 0 writes the ranks' bound addresses here for the senders."),
         click.option("--advertise", default=None,
                      help="Host name senders should use (default: the bind address or this host's name)."),
-    ]
-    return functools.reduce(lambda f, opt: opt(f), reversed(opts), func)
+)
 
 
 @main.command()

@@ -7,16 +7,24 @@ unless told; workstations and CI containers need both, clusters use srun.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 
 
 def mpiexec_command(n: int, argv: list[str]) -> list[str]:
-    """``mpiexec -n N argv...`` for a local run (use with :func:`mpi_environment`)."""
+    """``mpiexec -n N argv...`` (use with :func:`mpi_environment`).
+
+    ``FOURDSTREAM_MPIEXEC`` replaces the launcher, e.g. ``srun`` or ``srun --cpu-bind=cores``
+    inside a Slurm allocation (Cray MPICH has no mpiexec).
+    """
+    launcher = os.environ.get("FOURDSTREAM_MPIEXEC")
+    if launcher:
+        return [*shlex.split(launcher), "-n", str(n), *argv]
     exe = shutil.which("mpiexec") or shutil.which("mpirun")
     if exe is None:
-        raise RuntimeError("mpiexec not found: install Open MPI (scripts/setup.sh does) or "
-                           "run under your cluster's launcher (srun)")
+        raise RuntimeError("mpiexec not found: install Open MPI (scripts/setup.sh does) or set "
+                           "FOURDSTREAM_MPIEXEC to your cluster's launcher (e.g. srun)")
     return [exe, "-n", str(n), *argv]
 
 

@@ -15,8 +15,10 @@ Each rank runs two threads:
 
 Thresholds: fixed, or calibrated per scan on rank 0, which owns the first block
 of scan positions and so receives the scan's first frames, the sample frames of
-the reference method. Rank 0 sends the result to every rank, which holds its
-ready frames until then; all ranks count with the same thresholds.
+the reference method (the same frames an offline count of the scan samples; if
+the block is smaller than ``--sample-frames``, rank 0 uses the frames it has).
+Rank 0 sends the result to every rank, which holds its ready frames until then;
+all ranks count with the same thresholds.
 
 Memory is capped by the frame pool (``window`` frames per rank) and the policy
 at the cap is to **block, not drop**. A rank has one socket per module; while
@@ -320,7 +322,8 @@ class Receiver:
                 continue
             complete = sorted(fn for _, fn, _, mask in share.ready if mask == COMPLETE_MASK)
             settled = len(complete) >= n and not any(fn < complete[n - 1] for fn in share.pending)
-            if not (settled or share.closed_by or (force and complete)):
+            whole_block = len(share.emitted) >= share.expected_here(self.rank, self.size)
+            if not (settled or whole_block or share.closed_by or (force and complete)):
                 continue
             try:
                 frames = {fn: frame for slot, fn, _, mask in share.ready if mask == COMPLETE_MASK

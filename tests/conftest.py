@@ -79,7 +79,7 @@ class StreamSession:
             read_endpoints(self.endpoints, wait=60)
         except TimeoutError:
             self.receiver.kill()
-            raise AssertionError(self.receiver.communicate()[0])
+            raise AssertionError(self.receiver.communicate()[0]) from None
 
     def send(self, module: int, *args) -> None:
         """``fourdstream send --module M ARGS`` to this session's ranks."""
@@ -111,7 +111,7 @@ class StreamSession:
             for p in self.senders + [self.receiver]:
                 p.kill()
             raise AssertionError(f"streaming session did not finish within {timeout} s:\n"
-                                 f"{self.receiver.communicate()[0]}")
+                                 f"{self.receiver.communicate()[0]}") from None
         summaries = json.loads(self.summary.read_text()) if self.summary.exists() else []
         return self.receiver.returncode, output, summaries
 
