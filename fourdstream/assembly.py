@@ -70,6 +70,10 @@ class Ledger:
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
+    #: The counters that are losses (everything but what arrived and was used).
+    LOSSES = ("lost", "dropped_by_senders", "duplicates", "malformed", "late", "conflicting",
+              "evicted")
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 

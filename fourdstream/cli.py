@@ -568,26 +568,35 @@ def gateway(producer_listen, frames_per_position, timeout, scans, endpoints_file
 @click.option("--output", default="demo-output", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the counted file (an existing scan file is kept: a new name is chosen).")
 @click.option("--dose", type=float, default=150.0, show_default=True, help="Electrons per frame.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sim-seed", type=int, default=0, show_default=True, help="Seed of the simulated scan.")
 @click.option("--rate", type=float, default=0.0, show_default=True,
               help="Frames/s per sender (0: as fast as possible).")
-def demo(scan, ranks, output, dose, seed, rate):
-    """Local end-to-end run: 4 simulated senders -> mpiexec receiver job -> counted HDF5 + summary."""
+@counting_options
+def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
+    """Local end-to-end run: 4 simulated senders -> mpiexec receiver job -> counted HDF5 + summary.
+
+    Counting options are passed on to the receiver job.
+    """
+    from .assembly import Ledger
     from .demo import run_demo
 
+    make_counting_options(dict(kw))   # validate here, before any process starts
+    ctx = click.get_current_context()
+    given = [(name, value) for name, value in kw.items()
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    counting_args = [a for name, value in given for a in (f"--{name.replace('_', '-')}", str(value))]
     click.echo(f"fourdstream demo: {scan} scan (+ flyback column), {dose:g} e-/frame, 4 senders -> "
                f"{ranks} receiver ranks (mpiexec)")
-    s = run_demo(output, scan=scan, ranks=ranks, dose=dose, seed=seed, rate=rate, echo=click.echo)
-    ledger = s["ledger"]
-    losses = {k: v for k, v in ledger.items() if k not in ("sectors", "frames_complete",
-                                                             "frames_incomplete") and v}
+    s = run_demo(output, scan=scan, ranks=ranks, dose=dose, seed=sim_seed, rate=rate,
+                 counting_args=counting_args, echo=click.echo)
+    losses = {k: s["ledger"][k] for k in Ledger.LOSSES if s["ledger"][k]}
     _summary("\nsummary", {
         "counted file": s["path"],
         "frames": f"{s['frames']:,} of {s['expected']:,} ({s['complete']:,} complete, "
                   f"{s['incomplete']:,} incomplete, {s['missing']:,} missing)",
         "events": f"{s['events']:,} ({s['events'] / max(s['frames'], 1):.1f}/frame)",
         "thresholds": f"background {s['thresholds'][0]:.2f}, x-ray {s['thresholds'][1]:.1f} ADU "
-                      f"(calibrated from the scan)",
+                      + ("(calibrated from the scan)" if s["calibrated"] else "(fixed)"),
         "loss": ", ".join(f"{k} {v}" for k, v in losses.items()) or "none",
         "throughput": f"{s['frames'] / max(s['seconds'], 1e-9):,.0f} frames/s "
                       f"(first sector sent -> file closed, {s['seconds']:.2f} s)",

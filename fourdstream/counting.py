@@ -93,7 +93,10 @@ class ElectronCounter:
             gain_inv = None
             self._dark = xp.asarray(np.trunc(dark).astype(np.int32).ravel())
         if thresholds is not None:
-            self._floor = xp.asarray(_candidate_floor(dark.ravel(), gain_inv, thresholds.background))
+            floor = _candidate_floor(dark.ravel(), gain_inv, thresholds.background)
+            # A uniform floor (no dark, the NCEM production case) is compared as a
+            # scalar: one array fewer to read per frame.
+            self._floor = floor[0] if (floor == floor[0]).all() else xp.asarray(floor)
 
     # -- values -------------------------------------------------------------------
     def values(self, frames):

@@ -486,7 +486,8 @@ class Receiver:
                        ledger=ledger.as_dict(), closed_by=provenance["closed_by"],
                        seconds=closed - provenance["timings"]["first_send"],
                        latency=closed - last_send, write_seconds=report.seconds_total,
-                       thresholds=(calibration.background_threshold, calibration.x_ray_threshold))
+                       thresholds=(calibration.background_threshold, calibration.x_ray_threshold),
+                       calibrated=bool(calibration.threshold_calculated))
         if self.rank == 0:
             self.summaries.append(summary)
             self.log(format_scan_summary(summary))
@@ -536,8 +537,7 @@ class _ScanProgress:
 
 def format_scan_summary(s: dict) -> str:
     lost = s["ledger"]
-    extra = ", ".join(f"{k} {lost[k]}" for k in ("lost", "dropped_by_senders", "duplicates", "malformed",
-                                                   "late", "conflicting", "evicted") if lost[k])
+    extra = ", ".join(f"{k} {lost[k]}" for k in Ledger.LOSSES if lost[k])
     return (f"scan {s['scan']} -> {s['path']}: {s['frames']:,}/{s['expected']:,} frames "
             f"({s['complete']:,} complete, {s['incomplete']:,} incomplete, {s['missing']:,} missing), "
             f"{s['events']:,} events; closed by {'/'.join(s['closed_by'])}; "

@@ -175,3 +175,23 @@ def test_sigterm_writes_the_scan_in_flight_and_exits_0(stream_session):
     meta = second.metadata["fourdstream"]
     assert meta["closed_by"] == "shutdown"
     assert meta["frames_complete"] == 40 and meta["frames_missing"] == 64
+
+
+def test_demo_streams_a_scan_into_a_file_and_says_how_to_open_it(tmp_path):
+    from click.testing import CliRunner
+
+    from fourdstream.cli import main
+
+    r = CliRunner().invoke(main, ["demo", "--scan", "6x4", "--ranks", "2", "--output",
+                                  str(tmp_path / "demo"), "--bg", "28", "--xr", "700"])
+    assert r.exit_code == 0, r.output
+    path = tmp_path / "demo" / "scan0000000001.h5"
+    for words in ("28 of 28 (28 complete, 0 incomplete, 0 missing)", "(fixed)", "loss          none",
+                  "frames/s", "from the last frame sent to the file closed", f"inspect {path}"):
+        assert words in r.output, words
+    events, offsets = offline(simulated("6x4", seed=0), 28, 700)
+    assert np.array_equal(open_counted(path).events, events)
+    # A second run keeps the first file and writes a new one.
+    r = CliRunner().invoke(main, ["demo", "--scan", "6x4", "--output", str(tmp_path / "demo"),
+                                  "--bg", "28", "--xr", "700"])
+    assert r.exit_code == 0 and (tmp_path / "demo" / "scan0000000001.1.h5").exists()
