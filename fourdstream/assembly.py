@@ -105,6 +105,7 @@ class ScanShare:
         self.ready: list[tuple] = []          # (slot, frame number, position, mask)
         self.emitted: dict[int, int] = {}     # frame number -> sector mask of emitted frames
         self.counted: list[CountedFrames] = []
+        self.in_flight = 0                    # batches handed to the counting thread
         self.announced: dict[str, int] = {}   # sender -> messages it says it sent here
         self.n_received = 0                   # sector messages of this scan received here
         self.ended: set[str] = set()

@@ -276,14 +276,17 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
     """End to end with ``ranks`` ranks; with ``ceilings``, also transport and counting alone."""
     out = {"ranks": ranks, "scan": cfg.stream_scan}
     modes = ("full", "transport") if ceilings else ("full",)
+    runs = {mode: [] for mode in modes}
+    for i in range(cfg.repeats + 1):       # interleaved, so drift hits every mode alike
+        for mode in modes:
+            runs[mode].append(_stream_once(cfg.stream_scan, ranks, mode, folder / f"{mode}{ranks}_{i}"))
     for mode in modes:
-        runs = [_stream_once(cfg.stream_scan, ranks, mode, folder / f"{mode}{ranks}_{i}")
-                for i in range(cfg.repeats + 1)][1:]
-        out[f"{mode}_fps"] = _stats(r["frames"] / r["seconds"] for r in runs)
+        done = runs[mode][1:]              # the first round is the warm-up
+        out[f"{mode}_fps"] = _stats(r["frames"] / r["seconds"] for r in done)
         if mode == "full":
-            out["latency_seconds"] = _stats(r["latency"] for r in runs)
-            out["frames"] = runs[0]["frames"]
-            out["complete"] = min(r["complete"] for r in runs)
+            out["latency_seconds"] = _stats(r["latency"] for r in done)
+            out["frames"] = done[0]["frames"]
+            out["complete"] = min(r["complete"] for r in done)
         log(f"stream {mode}, {ranks} rank(s): {out[f'{mode}_fps']['median']:,.0f} frames/s")
     counting = _run_mpi(ranks, "_count_worker", 256, cfg.repeats)
     out["counting_alone_fps"] = _stats(counting["fps"])

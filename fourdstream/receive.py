@@ -1,12 +1,15 @@
 """The receiver job: MPI ranks receive sectors, count electrons, write one file per scan.
 
-Each rank runs two threads:
+Each rank runs three threads:
 
 * the **main thread** receives sector and control messages on the rank's PULL
-  socket, assembles frames (:mod:`fourdstream.assembly`), counts them in batches
-  as soon as the scan's thresholds are known, and closes a scan when every
-  sender has sent its ``end`` message (or after ``timeout`` seconds without a
-  message of that scan, or at shutdown);
+  sockets, assembles frames (:mod:`fourdstream.assembly`), hands ready frames in
+  batches to the counting thread as soon as the scan's thresholds are known, and
+  closes a scan when every sender has sent its ``end`` message (or after
+  ``timeout`` seconds without a message of that scan, or at shutdown);
+* the **counting thread** counts those batches while the main thread goes on
+  receiving (numpy releases the GIL in its array operations), so that a rank
+  never stops draining its sockets for the length of a batch;
 * the **writer thread** agrees with the other ranks, in lockstep over its own
   communicator, on the next closed scan and writes it collectively
   (:mod:`fourdstream.writer`), while the main thread keeps receiving the next
@@ -35,6 +38,7 @@ emitted incomplete (``evicted`` in the ledger).
 from __future__ import annotations
 
 import dataclasses
+import queue
 import signal
 import threading
 import time
@@ -97,6 +101,8 @@ class Receiver:
         self._held: dict[int, tuple] = {}         # module -> a sector waiting for a free buffer
         self._stalled_since: float | None = None
         self.stall = min(2.0, options.timeout)    # seconds at a full pool before evicting
+        self._to_count: queue.Queue = queue.Queue(maxsize=2)   # batches for the counting thread
+        self._counted: queue.Queue = queue.Queue()              # (share, CountedFrames or error)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._main_done = threading.Event()
@@ -108,6 +114,7 @@ class Receiver:
         self._install_signal_handlers()
         writer = threading.Thread(target=self._writer_main, name="fourdstream-writer", daemon=True)
         writer.start()
+        threading.Thread(target=self._counting_main, name="fourdstream-counting", daemon=True).start()
         poller = zmq.Poller()
         for sock in self.sockets:
             poller.register(sock, zmq.POLLIN)
@@ -133,6 +140,7 @@ class Receiver:
             raise
         finally:
             self._main_done.set()
+            self._to_count.put(None)
         writer.join()
         if self._writer_error is not None:
             raise self._writer_error
@@ -341,6 +349,8 @@ class Receiver:
                 self.comm.send((share.scan, calibration, error), dest=r, tag=TAG_CALIBRATION)
 
     def _count_ready(self, everything: bool = False) -> None:
+        """Hand ready frames to the counting thread (batches copied out of the pool)."""
+        self._collect_counted()
         for share in list(self.shares.values()):
             if share.failed:
                 self.pool.give(slot for slot, *_ in share.ready)
@@ -348,10 +358,36 @@ class Receiver:
                 continue
             if share.counting.calibration is None:
                 continue
-            while len(share.ready) >= self.batch or (share.ready and (everything or share.closed_by)):
+            while (len(share.ready) >= self.batch or (share.ready and (everything or share.closed_by))) \
+                    and not self._to_count.full():
                 frames, fn, pos, mask, slots = share.take_ready(self.batch)
-                share.counted.append(share.counting.count(frames, fn, pos, mask))
                 self.pool.give(slots)
+                share.in_flight += 1
+                self._to_count.put((share, frames, fn, pos, mask))
+
+    def _collect_counted(self) -> None:
+        while True:
+            try:
+                share, result = self._counted.get_nowait()
+            except queue.Empty:
+                return
+            share.in_flight -= 1
+            if isinstance(result, BaseException):
+                raise result
+            share.counted.append(result)
+
+    def _counting_main(self) -> None:
+        """The counting thread: count batches until told to stop (None)."""
+        while True:
+            item = self._to_count.get()
+            if item is None:
+                return
+            share, frames, fn, pos, mask = item
+            try:
+                result = share.counting.count(frames, fn, pos, mask)
+            except BaseException as exc:   # raised in the main thread by _collect_counted
+                result = exc
+            self._counted.put((share, result))
 
     def _close_finished(self) -> None:
         now = time.time()
@@ -366,7 +402,8 @@ class Receiver:
                 if share.closed_by:
                     share.flush()
                     share.settle_losses()
-            if share.closed_by and not share.pending and not share.ready and share.scan not in self.closed \
+            if share.closed_by and not share.pending and not share.ready and not share.in_flight \
+                    and share.scan not in self.closed \
                     and (share.counting.calibration is not None or share.failed):
                 with self._lock:
                     self.closed[share.scan] = share

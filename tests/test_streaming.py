@@ -195,3 +195,39 @@ def test_demo_streams_a_scan_into_a_file_and_says_how_to_open_it(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--scan", "6x4", "--output", str(tmp_path / "demo"),
                                   "--bg", "28", "--xr", "700"])
     assert r.exit_code == 0 and (tmp_path / "demo" / "scan0000000001.1.h5").exists()
+
+
+def test_replayed_raw_files_through_binding_senders_equal_the_offline_file(tmp_path):
+    """Replay source, senders that bind (ranks connect), thresholds from a calibration file."""
+    from fourdstream.launch import mpi_environment, mpiexec_command
+    from fourdstream.simulate import write_scan
+
+    g = ScanGeometry.from_probe_grid(*parse_scan_size(SCAN))
+    raw = tmp_path / "raw"
+    write_scan(Simulator(g, dose=150, seed=SEED, pattern="disc"), raw, scan_number=7, n_dst=2,
+               frames_per_file=30)
+    offline_file = tmp_path / "offline.h5"
+    proc = subprocess.run(mpiexec_command(2, [sys.executable, "-m", "fourdstream", "count", str(raw),
+                                              "-o", str(offline_file)]),
+                          env=mpi_environment(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    base = _free_port()
+    senders = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--module", str(m),
+                                 "--replay", str(raw), "--listen", f"tcp://127.0.0.1:{base + 10 * m}",
+                                 "--ranks", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for m in range(4)]
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    connect = [a for m in range(4) for a in ("--connect", f"tcp://127.0.0.1:{base + 10 * m}")]
+    receiver = subprocess.run(mpiexec_command(2, [
+        sys.executable, "-m", "fourdstream", "receive", "-o", str(out), *connect, "--scans", "1",
+        "--calibration", str(offline_file), "--summary-json", str(summary)]),
+        env=mpi_environment(), capture_output=True, text=True, timeout=120)
+    for p in senders:
+        assert p.wait(timeout=60) == 0, p.communicate()[0]
+    assert receiver.returncode == 0, receiver.stdout + receiver.stderr
+    streamed, reference = open_counted(out / "scan0000000007.h5"), open_counted(offline_file)
+    assert streamed.metadata["fourdstream"]["thresholds"] == "fixed"
+    assert streamed.metadata["electron_counting"]["background_threshold"] == \
+        reference.metadata["electron_counting"]["background_threshold"]
+    for name in ("events", "offsets", "frame_number", "sector_mask"):
+        assert np.array_equal(getattr(streamed, name), getattr(reference, name)), name
