@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 
 from .detector import FRAME_COLS, FRAME_ROWS, FRAME_SHAPE
-from .sparse import CountedFrames
 
 GROUP = "fourdstream"
 STEMPY_VERSION = 3
@@ -146,11 +145,6 @@ class CountedScan:
         """Events of frame ``frame`` at scan position ``position``."""
         k = position * self.frames_per_position + frame
         return self.events[self.offsets[k]:self.offsets[k + 1]]
-
-    def frames(self) -> CountedFrames:
-        """All slots as :class:`CountedFrames` (empty slots included, mask 0)."""
-        return CountedFrames(self.events, self.offsets, self.frame_number, self.position,
-                             self.sector_mask)
 
     def counts_image(self) -> np.ndarray:
         """Events per scan position, summed over frames: (height, width) int64.
