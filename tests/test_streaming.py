@@ -231,3 +231,15 @@ def test_replayed_raw_files_through_binding_senders_equal_the_offline_file(tmp_p
         reference.metadata["electron_counting"]["background_threshold"]
     for name in ("events", "offsets", "frame_number", "sector_mask"):
         assert np.array_equal(getattr(streamed, name), getattr(reference, name)), name
+
+
+def test_several_threads_per_module(stream_session):
+    s = stream_session(2, "--scans", 1, "--bg", 28, "--xr", 700, "--senders", 8)
+    send_all(s, "--threads", 2)
+    rc, output, (summary,) = s.wait()
+    assert rc == 0, output
+    scan = open_counted(summary["path"])
+    events, offsets = offline(simulated(), 28, 700)
+    assert np.array_equal(scan.events, events) and np.array_equal(scan.offsets, offsets)
+    meta = scan.metadata["fourdstream"]
+    assert meta["senders"] == 8 and meta["closed_by"] == "end" and meta["frames_complete"] == 104
