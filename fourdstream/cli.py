@@ -23,9 +23,9 @@ class _Group(click.Group):
     """Turns expected failures into one-line errors and exit code 1.
 
     In an MPI job of several ranks, an error every rank raised together (a
-    :class:`~fourdstream.writer.WriteError`) is printed once by rank 0; any other
-    error is printed by its rank, which then aborts the job so that no rank is
-    left waiting in a collective call.
+    :class:`~fourdstream.collective.CollectiveError`) is printed once by rank 0;
+    any other error is printed by its rank, which then aborts the job so that no
+    rank is left waiting in a collective call.
     """
 
     def invoke(self, ctx):
@@ -40,8 +40,8 @@ class _Group(click.Group):
             world = _mpi_world()
             if world is None or world.size == 1:
                 raise click.ClickException(message) from None
-            from .writer import WriteError
-            if isinstance(exc, WriteError):
+            from .collective import CollectiveError
+            if isinstance(exc, CollectiveError):
                 if world.rank == 0:
                     click.echo(f"Error: {message}", err=True)
                 ctx.exit(1)
@@ -197,26 +197,31 @@ def count(raw, output, file_version, flyback, overwrite, **kw):
     """
     from mpi4py import MPI
 
+    from .collective import agree, on_root
     from .offline import count_raw_scan
+    from .pipeline import ScanCounting
     from .progress import Progress
     from .rawfile import RawScan
-    from .writer import WriteError, write_counted_scan
+    from .writer import write_counted_scan
 
     comm = MPI.COMM_WORLD
-    options = make_counting_options(kw)
     out = Path(output)
-    if comm.rank == 0 and out.exists() and not overwrite:
-        error = f"{out} exists; pass --overwrite to replace it"
-    else:
-        error = None
-    if comm.bcast(error, root=0):   # checked before hours of counting, not after
-        raise WriteError(error)
+
+    def refuse_existing():   # checked before hours of counting, not after
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+
+    def set_up():
+        scan = RawScan(raw, version=int(file_version))
+        scan.label_flyback(flyback)
+        return ScanCounting(make_counting_options(kw), comm), scan   # loads dark/gain
+
     t0 = time.perf_counter()
-    scan = RawScan(raw, version=int(file_version))
-    scan.label_flyback(flyback)
+    on_root(comm, refuse_existing)
+    counting, scan = agree(comm, set_up)   # a bad input is one error, not one per rank
+    options = counting.options
     progress = Progress(len(scan), "frames", enabled=comm.rank == 0)
-    result = count_raw_scan(scan, options, comm=comm,
-                            progress=lambda n: progress(n * comm.size))
+    result = count_raw_scan(scan, counting, progress=lambda n: progress(n * comm.size))
     progress.close()
     provenance = offline_provenance(result, options, comm)
     report = write_counted_scan(out, result.counted, scan.geometry,
@@ -478,21 +483,26 @@ def receive(output, listen, connect, endpoints_file, advertise, senders, timeout
     import zmq
     from mpi4py import MPI
 
+    from .collective import agree
     from .receive import Receiver, ReceiverOptions
     from .transport import rank_sockets
 
     comm = MPI.COMM_WORLD
-    if calibration:
-        kw["background_threshold"], kw["xray_threshold"] = _thresholds_from_file(calibration)
-    options = make_counting_options(kw)
-    Path(output).mkdir(parents=True, exist_ok=True)
+
+    def counting_set_up():
+        if calibration:
+            kw["background_threshold"], kw["xray_threshold"] = _thresholds_from_file(calibration)
+        Path(output).mkdir(parents=True, exist_ok=True)
+        return make_counting_options(kw)
+
+    options = agree(comm, counting_set_up)   # a bad input is one error, not one per rank
     ctx = zmq.Context()
     sockets = rank_sockets(ctx, comm, listen=listen or (None if connect else "tcp://127.0.0.1:*"),
                            connect=list(connect), endpoints_file=endpoints_file, advertise=advertise,
                            hwm=hwm)
-    receiver = Receiver(comm, sockets, options, ReceiverOptions(
+    receiver = agree(comm, lambda: Receiver(comm, sockets, options, ReceiverOptions(
         output=output, senders=senders, timeout=timeout, window=window, scans=scans,
-        overwrite=overwrite), log=lambda m: click.echo(m, err=False))
+        overwrite=overwrite), log=lambda m: click.echo(m, err=False)))
     if comm.rank == 0:
         click.echo(f"receiving on {comm.size} rank(s), {receiver.template.backend}; "
                    f"files -> {output}")

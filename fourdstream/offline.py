@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from .calibrate import Calibration
-from .pipeline import CountingOptions, ScanCounting
+from .pipeline import ScanCounting
 from .rawfile import RawScan
 from .sparse import CountedFrames
 
@@ -31,17 +31,16 @@ class OfflineResult:
     timings: dict                 #: seconds: setup, calibrate, count
 
 
-def count_raw_scan(scan: RawScan, options: CountingOptions, *, comm=None,
-                   progress=None) -> OfflineResult:
-    """Count the indexed raw ``scan``; collective over ``comm`` when given.
+def count_raw_scan(scan: RawScan, counting: ScanCounting, *, progress=None) -> OfflineResult:
+    """Count the indexed raw ``scan``; collective over ``counting.comm`` when it has one.
 
     ``progress(n)`` is called after each batch of ``n`` frames this rank counted.
     """
     t0 = time.perf_counter()
+    comm = counting.comm
     size, rank = (comm.size, comm.rank) if comm is not None else (1, 0)
     lo, hi = scan.geometry.position_blocks(size)[rank:rank + 2]
     mine = np.arange(*np.searchsorted(scan.position, [lo, hi]))  # frames are position-ordered
-    counting = ScanCounting(options, comm)
     t1 = time.perf_counter()
     if counting.calibration is None:
         chosen, weights = counting.plan_samples(scan.frame_number, scan.mask)
@@ -52,7 +51,7 @@ def count_raw_scan(scan: RawScan, options: CountingOptions, *, comm=None,
                             for fn, frame in zip(batch.frame_number, batch.frames)})
     t2 = time.perf_counter()
     parts = []
-    for batch in scan.batches(options.batch_size, mine):
+    for batch in scan.batches(counting.options.batch_size, mine):
         parts.append(counting.count(batch.frames, batch.frame_number, batch.position, batch.mask))
         if progress is not None:
             progress(len(batch))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import zmq
 
+from .collective import CollectiveError
 from .detector import N_SECTORS
 
 #: Defaults of the NCEM producers: send high-water mark and send timeout.
@@ -127,18 +128,26 @@ def rank_sockets(ctx: zmq.Context, comm, *, listen: str | None, connect: list[st
     if connect and len(connect) != N_SECTORS:
         raise ValueError(f"--connect lists the {N_SECTORS} module senders in module order; "
                          f"got {len(connect)}")
-    sockets, bound = [], []
-    for m in range(N_SECTORS):
-        if listen:
-            url = expand(listen, comm.size * N_SECTORS)[comm.rank * N_SECTORS + m]
-            sock, address = pull_socket(ctx, bind=url, hwm=hwm)
-            bound.append(advertised(address, advertise))
-        else:
-            sock, _ = pull_socket(ctx, connect=[expand(connect[m], comm.size)[comm.rank]], hwm=hwm)
-        sockets.append(sock)
-    addresses = comm.gather(bound, root=0)
+    sockets, bound, problem = [], [], None
+    try:
+        for m in range(N_SECTORS):
+            if listen:
+                url = expand(listen, comm.size * N_SECTORS)[comm.rank * N_SECTORS + m]
+                sock, address = pull_socket(ctx, bind=url, hwm=hwm)
+                bound.append(advertised(address, advertise))
+            else:
+                sock, _ = pull_socket(ctx, connect=[expand(connect[m], comm.size)[comm.rank]], hwm=hwm)
+            sockets.append(sock)
+    except zmq.ZMQError as exc:   # e.g. a port in use: every rank must hear of it
+        problem = f"rank {comm.rank}: cannot set up its sockets: {exc}"
+    everyone = comm.allgather((bound, problem))
+    problems = [p for _, p in everyone if p]
+    if problems:
+        for sock in sockets:
+            sock.close()
+        raise CollectiveError(problems[0])
     if comm.rank == 0 and endpoints_file and listen:
-        write_endpoints(endpoints_file, addresses)
+        write_endpoints(endpoints_file, [addresses for addresses, _ in everyone])
     return sockets
 
 

@@ -42,12 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .collective import CollectiveError, agree, on_root
 from .detector import FRAME_COLS, FRAME_ROWS, ScanGeometry
 from .io import GROUP, STEMPY_VERSION, VLEN_CHUNK, events_as_objects
 from .sparse import CountedFrames
 
 
-class WriteError(OSError):
+class WriteError(CollectiveError, OSError):
     """The counted file could not be written (raised on every rank)."""
 
 
@@ -74,30 +75,11 @@ def _comm_or_self(comm):
 
 
 def _on_root(comm, fn):
-    """Run ``fn`` on rank 0; return its result on all ranks or raise its error on all."""
-    result = error = None
-    if comm.rank == 0:
-        try:
-            result = fn()
-        except Exception as exc:  # shared below, re-raised everywhere
-            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, WriteError) else str(exc)
-    result, error = comm.bcast((result, error), root=0)
-    if error:
-        raise WriteError(error)
-    return result
+    return on_root(comm, fn, WriteError)
 
 
 def _agree(comm, fn):
-    """Run ``fn`` on every rank; if any rank fails, raise its message on all ranks."""
-    result = error = None
-    try:
-        result = fn()
-    except Exception as exc:
-        error = f"rank {comm.rank}: {type(exc).__name__}: {exc}"
-    errors = [e for e in comm.allgather(error) if e]
-    if errors:
-        raise WriteError(errors[0] + (f" (and {len(errors) - 1} more ranks)" if len(errors) > 1 else ""))
-    return result
+    return agree(comm, fn, WriteError)
 
 
 # -- step 1: ownership -----------------------------------------------------------------
@@ -115,9 +97,10 @@ def redistribute(counted: CountedFrames, geometry: ScanGeometry, comm) -> Counte
     events_to = np.bincount(owner, weights=per_frame, minlength=comm.size).astype(np.int64)
     frames_from = np.asarray(comm.alltoall(frames_to.tolist()), np.int64)
     events_from = np.asarray(comm.alltoall(events_to.tolist()), np.int64)
-    if max(frames_to.sum(), frames_from.sum(), events_to.sum(), events_from.sum()) >= 2**31:
-        raise WriteError(f"rank {comm.rank}: more than 2**31 events to move between ranks; "
-                         f"route frames to their owning rank (by position) before writing")
+    largest = max(frames_to.sum(), frames_from.sum(), events_to.sum(), events_from.sum())
+    if comm.allreduce(int(largest), op=_max_op()) >= 2**31:   # MPI-3 counts are 32-bit
+        raise WriteError("a rank would move more than 2**31 events to or from other ranks; "
+                         "route frames to their owning rank (by position) before writing")
 
     def exchange(send, to, frm):
         recv = np.empty(int(frm.sum()), send.dtype)

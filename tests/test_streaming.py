@@ -243,3 +243,18 @@ def test_several_threads_per_module(stream_session):
     assert np.array_equal(scan.events, events) and np.array_equal(scan.offsets, offsets)
     meta = scan.metadata["fourdstream"]
     assert meta["senders"] == 8 and meta["closed_by"] == "end" and meta["frames_complete"] == 104
+
+
+def test_a_port_in_use_is_one_clear_error_from_the_receiver_job(tmp_path):
+    from fourdstream.launch import mpi_environment, mpiexec_command
+
+    port = _free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port + 5))    # rank 1, module 1 would bind here
+        taken.listen()
+        proc = subprocess.run(mpiexec_command(2, [sys.executable, "-m", "fourdstream", "receive", "-o",
+                                                  str(tmp_path), "--listen", f"tcp://127.0.0.1:{port}"]),
+                              env=mpi_environment(), capture_output=True, text=True, timeout=60)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert proc.returncode == 1 and len(ours) == 1, proc.stdout + proc.stderr
+    assert "rank 1: cannot set up its sockets" in ours[0] and "MPI_ABORT" not in proc.stderr

@@ -224,3 +224,11 @@ def test_frames_with_equal_event_counts_are_written(tmp_path, per_frame):
     assert all(np.array_equal(scan.slot(p), events[:per_frame]) for p in range(n))
     with h5py.File(out) as f:
         assert [len(x) for x in f["electron_events/frames"][()]] == [per_frame] * n
+
+
+def test_bad_input_under_mpi_is_one_error_and_a_clean_exit(raw_scans, tmp_path):
+    folder, _, _ = raw_scans[1, True]
+    proc = run_count(3, folder, tmp_path / "c.h5", "--dark", tmp_path / "missing.npy")
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert proc.returncode == 1 and len(ours) == 1 and "missing.npy: no such file" in ours[0]
+    assert "MPI_ABORT" not in proc.stderr and not (tmp_path / "c.h5").exists()
