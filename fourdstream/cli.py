@@ -233,16 +233,14 @@ def count(raw, output, file_version, flyback, overwrite, **kw):
 
 def offline_provenance(result, options, comm) -> dict:
     """``/metadata/fourdstream`` of a file counted from raw files."""
-    from .pipeline import counting_provenance
+    from .pipeline import counting_provenance, frame_accounting
 
     s = result.scan.summary()
-    expected = result.scan.geometry.n_frames
     return dict(
         counting_provenance(options, result.calibration, result.backend),
         source="raw files", raw_files=len(result.scan.files), scan_number=s["scan_number"],
-        frames_expected=expected, frames_found=s["frames_found"],
-        frames_complete=s["frames_complete"], frames_incomplete=s["frames_incomplete"],
-        frames_missing=max(expected - s["frames_found"], 0),
+        **frame_accounting(result.scan.geometry.n_frames, s["frames_complete"],
+                           s["frames_incomplete"]),
         duplicate_sectors=s["duplicate_sectors"], bad_records=s["bad_records"],
         ranks=comm.size,
         timings={k: comm.allreduce(v, op=_max()) for k, v in result.timings.items()})

@@ -81,6 +81,13 @@ def counting_provenance(options: CountingOptions, calibration: Calibration, back
             "row_dark": options.row_dark or "none", "backend": backend_name}
 
 
+def frame_accounting(expected: int, complete: int, incomplete: int) -> dict:
+    """Where every expected frame of a scan went, for ``/metadata/fourdstream``."""
+    found = complete + incomplete
+    return {"frames_expected": expected, "frames_found": found, "frames_complete": complete,
+            "frames_incomplete": incomplete, "frames_missing": max(expected - found, 0)}
+
+
 class ScanCounting:
     """Counting of one scan on one rank.
 

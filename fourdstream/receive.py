@@ -51,7 +51,7 @@ from . import wire
 from .assembly import FramePool, Ledger, ScanShare
 from .calibrate import CalibrationError
 from .detector import COMPLETE_MASK, ScanGeometry
-from .pipeline import CountingOptions, ScanCounting, counting_provenance
+from .pipeline import CountingOptions, ScanCounting, counting_provenance, frame_accounting
 from .writer import WriteError, write_counted_scan
 
 TAG_CALIBRATION = 71
@@ -249,9 +249,7 @@ class Receiver:
             self._control(head)
             return
         h = head
-        share = self.shares.get(h.scan)
-        if share is None or share.closed_by:   # geometry built only for a new scan
-            share = self._open_share(h.scan, ScanGeometry(h.width, h.height))
+        share = self._open_share(h.scan, lambda: ScanGeometry(h.width, h.height))
         if share is None:
             self.session.late += 1
             return
@@ -266,15 +264,17 @@ class Receiver:
         if not share.add(h.frame, h.module, position, payload):
             self._held[h.module] = (share, h, position, payload)
 
-    def _open_share(self, scan, geometry: ScanGeometry | None = None) -> ScanShare | None:
-        """The open share of ``scan``, created on first sight (None if written/closed)."""
-        if scan is None or scan in self.written:
-            return None
+    def _open_share(self, scan, new_geometry=None) -> ScanShare | None:
+        """The open share of ``scan`` (None if unknown, closed or written).
+
+        An unknown scan is created when ``new_geometry`` is given: a callable, so
+        that the hot path builds a ScanGeometry only for a scan it has not seen.
+        """
         share = self.shares.get(scan)
         if share is None:
-            if geometry is None:
+            if new_geometry is None or scan is None or scan in self.written:
                 return None
-            share = self._new_share(scan, geometry)
+            share = self._new_share(scan, new_geometry())
         return None if share.closed_by else share
 
     def _new_share(self, scan: int, geometry: ScanGeometry) -> ScanShare:
@@ -294,7 +294,7 @@ class Receiver:
             except (KeyError, ValueError):
                 self.session.malformed += 1
                 return
-            share = self._open_share(scan, g)
+            share = self._open_share(scan, lambda: g)
             if share is not None:
                 share.geometry = g   # the begin message knows frames/position and flyback
             return
@@ -431,8 +431,8 @@ class Receiver:
         for share in self.shares.values():
             if share.scan not in self.closed:
                 share.failed = "no thresholds arrived before shutdown"
-                self._count_ready()
-                self._close_finished()
+        self._count_ready()      # drops the failed scans' frames ...
+        self._close_finished()   # ... and hands them to the writer, which reports them
 
     # == writer thread ===============================================================
     def _writer_main(self) -> None:
@@ -495,13 +495,10 @@ class Receiver:
         calibration = next(c for c in comm.allgather(share.counting.calibration) if c is not None)
         times = comm.allgather((share.first_message, share.last_message, share.last_send,
                                 share.closed_by, share.first_send))
-        found = ledger.frames_complete + ledger.frames_incomplete
         provenance = dict(
             counting_provenance(self.template.options, calibration, self.template.backend),
             source="stream", scan_number=share.scan, ranks=self.size, senders=self.options.senders,
-            frames_expected=geometry.n_frames, frames_found=found,
-            frames_complete=ledger.frames_complete, frames_incomplete=ledger.frames_incomplete,
-            frames_missing=max(geometry.n_frames - found, 0),
+            **frame_accounting(geometry.n_frames, ledger.frames_complete, ledger.frames_incomplete),
             closed_by=sorted({t[3] for t in times}), **ledger.provenance(),
             timings={"first_send": min(min(t[4] for t in times), min(t[0] for t in times)),
                      "first_message": min(t[0] for t in times), "last_message": max(t[1] for t in times),
@@ -517,7 +514,8 @@ class Receiver:
             return
         closed = time.time()
         last_send = provenance["timings"]["last_send"] or provenance["timings"]["last_message"]
-        summary = dict(scan=share.scan, path=str(path), frames=found, events=report.n_events,
+        summary = dict(scan=share.scan, path=str(path), frames=provenance["frames_found"],
+                       events=report.n_events,
                        expected=geometry.n_frames, complete=ledger.frames_complete,
                        incomplete=ledger.frames_incomplete, missing=provenance["frames_missing"],
                        ledger=ledger.as_dict(), closed_by=provenance["closed_by"],
