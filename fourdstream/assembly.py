@@ -15,6 +15,7 @@ from a full window, and messages the senders announced but that never arrived.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 
@@ -24,6 +25,9 @@ from .detector import COMPLETE_MASK, FRAME_SHAPE, N_SECTORS, ScanGeometry, secto
 from .sparse import CountedFrames
 
 _SECTOR_ROWS = [sector_slice(m)[0] for m in range(N_SECTORS)]
+
+#: Width (seconds) of the time bins in which a rank counts the messages it receives.
+ARRIVAL_BIN = 0.1
 
 
 class FramePool:
@@ -114,11 +118,36 @@ class ScanShare:
         self.first_message = self.last_message = time.time()
         self.failed: str | None = None        # why the scan cannot be counted
         self.closed_by: str | None = None     # "end", "timeout", "shutdown"
+        self.heard: dict[tuple, int] = {}     # (module, thread) -> highest frame number received
+        self.arrivals: collections.Counter = collections.Counter()  # ARRIVAL_BIN bin -> messages
+
+    def received(self, module: int, thread: int, frame: int) -> None:
+        """Note one sector message of the scan from sender stream ``(module, thread)``."""
+        self.last_message = now = time.time()
+        self.n_received += 1
+        self.arrivals[int(now / ARRIVAL_BIN)] += 1
+        key = (module, thread)
+        if frame > self.heard.get(key, -1):
+            self.heard[key] = frame
+
+    def horizon(self, n_streams: int) -> float:
+        """Frame number up to which every frame routed here has arrived (or never will).
+
+        Each (sender, rank) pipe is FIFO, so once each of the ``n_streams`` sender
+        streams has sent a frame numbered ``f`` or higher, no frame below ``f`` is
+        still on its way. ``inf`` for a closed scan, -1 while a stream is unheard.
+        """
+        if self.closed_by is not None:
+            return float("inf")
+        return min(self.heard.values()) if len(self.heard) >= n_streams else -1
+
+    def complete_frame_numbers(self, n: int) -> list[int]:
+        """The ``n`` lowest frame numbers of complete frames waiting to be counted."""
+        return sorted(fn for _, fn, _, mask in self.ready if mask == COMPLETE_MASK)[:n]
 
     # -- sectors -----------------------------------------------------------------
     def add(self, frame: int, module: int, position: int, payload) -> bool:
         """Place one sector; False if no buffer is free (call again after making room)."""
-        self.last_message = time.time()
         entry = self.pending.get(frame)
         if entry is None:
             if frame in self.emitted:
@@ -201,11 +230,6 @@ class ScanShare:
         return (self.pool.frames[slots], np.array([b[1] for b in batch], np.uint32),
                 np.array([b[2] for b in batch], np.int64), np.array([b[3] for b in batch], np.uint8),
                 slots)
-
-    def expected_here(self, rank: int, n_ranks: int) -> int:
-        """Frames of this scan routed to ``rank``."""
-        lo, hi = self.geometry.position_blocks(n_ranks)[rank:rank + 2]
-        return int(hi - lo) * self.geometry.frames_per_position
 
     @property
     def n_counted(self) -> int:

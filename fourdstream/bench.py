@@ -571,6 +571,7 @@ def _write_worker(path: str, events: str, repeats: str) -> None:
     from mpi4py import MPI
 
     from .detector import ScanGeometry
+    from .route import slab_bounds
     from .sparse import CountedFrames
     from .writer import write_counted_scan
 
@@ -578,7 +579,7 @@ def _write_worker(path: str, events: str, repeats: str) -> None:
     total, per_frame = int(events), 100
     n_frames = total // per_frame
     g = ScanGeometry(max(int(np.sqrt(n_frames)), 1), max(n_frames // max(int(np.sqrt(n_frames)), 1), 1))
-    lo, hi = g.position_blocks(comm.size)[comm.rank:comm.rank + 2]
+    lo, hi = slab_bounds(g.n_positions, comm.size)[comm.rank:comm.rank + 2]
     n = hi - lo
     rng = np.random.default_rng(comm.rank)
     counted = CountedFrames(rng.integers(0, FRAME_PIXELS, n * per_frame).astype(np.uint32),

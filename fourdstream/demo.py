@@ -4,7 +4,8 @@ What ``make demo`` runs. It starts the receiver job (``mpiexec -n RANKS python -
 fourdstream receive``, ranks binding free loopback ports and publishing them in an
 endpoints file), then one ``fourdstream send`` process per detector module
 streaming a simulated scan, waits for the counted file, and returns the
-receiver's summary.
+receiver's summary. A frame missing or incomplete in the file is a
+:class:`DemoError` (the demo is a check that the whole path works).
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ class DemoError(RuntimeError):
 
 def run_demo(output: str, *, scan: str = "64x64", ranks: int = 2, dose: float = 150.0,
              seed: int = 0, pool_frames: int = 512, rate: float = 0.0, counting_args=(),
-             timeout: float = 600.0, echo=print) -> dict:
-    """Run the demo; returns the summary of the written scan (see module docstring)."""
+             receiver_args=(), timeout: float = 600.0, echo=print) -> dict:
+    """Run the demo; returns the summary of the written scan (see module docstring).
+
+    ``counting_args`` and ``receiver_args`` are passed on to ``fourdstream receive``.
+    """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     endpoints, summary_file = out / "endpoints.json", out / "summary.json"
@@ -35,7 +39,7 @@ def run_demo(output: str, *, scan: str = "64x64", ranks: int = 2, dose: float = 
         stale.unlink(missing_ok=True)
     receiver_cmd = mpiexec_command(ranks, python_argv(
         "fourdstream", "receive", "-o", str(out), "--endpoints-file", str(endpoints), "--scans", "1",
-        "--summary-json", str(summary_file), *counting_args))
+        "--summary-json", str(summary_file), *counting_args, *receiver_args))
     receiver = subprocess.Popen(receiver_cmd, env=mpi_environment(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     echoing = threading.Thread(target=_echo_lines, args=(receiver.stdout, echo, "receiver"), daemon=True)
@@ -67,7 +71,11 @@ def run_demo(output: str, *, scan: str = "64x64", ranks: int = 2, dose: float = 
     summaries = json.loads(summary_file.read_text()) if summary_file.exists() else []
     if not summaries:
         raise DemoError("the receiver wrote no scan; see its output above")
-    return dict(summaries[0], wall_seconds=time.time() - t0)
+    s = dict(summaries[0], wall_seconds=time.time() - t0)
+    if s["missing"] or s["incomplete"]:
+        raise DemoError(f"{s['missing']:,} frames missing and {s['incomplete']:,} incomplete of "
+                        f"{s['expected']:,} in {s['path']}; see the receiver's output above")
+    return s
 
 
 def _wait_for_endpoints(path: Path, receiver: subprocess.Popen, wait: float = 60.0) -> None:

@@ -154,20 +154,6 @@ class ScanGeometry:
         y, x = np.divmod(np.asarray(position, dtype=np.int64), self.width)
         return x, y
 
-    def position_blocks(self, n_ranks: int) -> np.ndarray:
-        """Bounds (n_ranks + 1,) of the contiguous position blocks owned by ranks.
-
-        Rank ``r`` owns positions ``bounds[r] <= p < bounds[r + 1]``; blocks differ
-        in size by at most one position. Routing frames by this rule makes every
-        rank's part of the output file one contiguous slab.
-        """
-        return (np.arange(n_ranks + 1, dtype=np.int64) * self.n_positions) // n_ranks
-
-    def owner(self, position, n_ranks: int):
-        """Rank owning ``position`` (scalar or array) under :meth:`position_blocks`."""
-        bounds = self.position_blocks(n_ranks)
-        return np.searchsorted(bounds, position, side="right") - 1
-
     def describe(self) -> str:
         extra = " incl. flyback column" if self.flyback else ""
         fpp = f", {self.frames_per_position} frames/position" if self.frames_per_position > 1 else ""

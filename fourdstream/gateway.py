@@ -8,7 +8,9 @@ as one sender per module (``gateway.0`` .. ``gateway.3``, each on its module's
 pipes): it announces each new scan number it sees (``begin``, geometry from the
 headers) and ends it (``end`` with per-rank counts) once it has forwarded the
 scan's expected number of sectors, or after ``timeout`` seconds without a
-message of that scan.
+message of that scan. Like a sender it never hangs on the ranks: when none takes
+a message for the routers' ``send_timeout``, it ends the open scans (their
+counts tell the ranks what was lost) and stops with :attr:`Gateway.gone` set.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class Gateway:
         self.finished: list[int] = []
         self.unattributed = 0     # malformed messages with no readable scan number
         self.stopped = False
+        self.gone: str | None = None   # why the gateway gave up on the ranks
+        self.totals = {"sent": 0, "dropped": 0, "unannounced": 0, "seconds": 0.0}
+        self._t0 = time.perf_counter()
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -63,6 +68,9 @@ class Gateway:
                     except zmq.Again:
                         break
                     self.forward(parts)
+                    if any(r.receivers_gone for r in self.routers):
+                        self._give_up()
+                        return
             now = time.time()
             for scan, state in list(self.open.items()):
                 if now - state.last > self.timeout:
@@ -104,10 +112,21 @@ class Gateway:
         if state.forwarded + state.malformed >= state.expected:
             self._end(scan)
 
+    def _give_up(self) -> None:
+        timeout = max(r.send_timeout for r in self.routers)
+        self.gone = f"no receiver rank took a message for {timeout:g} s (--send-timeout)"
+        for scan in list(self.open):
+            self._end(scan)
+        self.stopped = True
+
     def _end(self, scan: int) -> None:
         state = self.open.pop(scan)
         for m, router in enumerate(self.routers):   # malformed ones are reported once
-            router.end(scan, malformed=state.malformed if m == 0 else 0)
+            counts = router.end(scan, malformed=state.malformed if m == 0 else 0)
+            self.totals["sent"] += int(counts.sent.sum())
+            self.totals["dropped"] += int(counts.dropped.sum())
+            self.totals["unannounced"] += len(counts.unannounced)
+        self.totals["seconds"] = time.perf_counter() - self._t0
         self.finished.append(scan)
         self.log(f"gateway: scan {scan} ended: {state.forwarded:,} sectors forwarded, "
                  f"{state.malformed} malformed")

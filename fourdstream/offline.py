@@ -1,10 +1,11 @@
 """Counting a scan from raw sector files, on one process or on all ranks of an MPI job.
 
 Every rank indexes the scan's headers (cheap: one page per record), takes the
-frames of its block of scan positions (so that its part of the output file is one
-contiguous slab, see :meth:`ScanGeometry.position_blocks`), reads the sample
-frames it holds for the joint threshold calibration, and counts its frames in
-batches.
+frames of the positions it owns under the routing rule that streaming uses
+(:func:`fourdstream.route.owner`: chunks of positions dealt round-robin), reads
+the sample frames it holds for the joint threshold calibration, and counts its
+frames in batches. The writer then moves the counted events to the rank that
+writes their slab of the file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from .calibrate import Calibration
 from .pipeline import ScanCounting
 from .rawfile import RawScan
+from .route import DEFAULT_CHUNK, owner
 from .sparse import CountedFrames
 
 
@@ -31,16 +33,17 @@ class OfflineResult:
     timings: dict                 #: seconds: setup, calibrate, count
 
 
-def count_raw_scan(scan: RawScan, counting: ScanCounting, *, progress=None) -> OfflineResult:
+def count_raw_scan(scan: RawScan, counting: ScanCounting, *, chunk: int = DEFAULT_CHUNK,
+                   progress=None) -> OfflineResult:
     """Count the indexed raw ``scan``; collective over ``counting.comm`` when it has one.
 
+    ``chunk``: positions per routing chunk (:func:`fourdstream.route.owner`).
     ``progress(n)`` is called after each batch of ``n`` frames this rank counted.
     """
     t0 = time.perf_counter()
     comm = counting.comm
     size, rank = (comm.size, comm.rank) if comm is not None else (1, 0)
-    lo, hi = scan.geometry.position_blocks(size)[rank:rank + 2]
-    mine = np.arange(*np.searchsorted(scan.position, [lo, hi]))  # frames are position-ordered
+    mine = np.flatnonzero(owner(scan.position, size, chunk) == rank)   # position-ordered
     t1 = time.perf_counter()
     if counting.calibration is None:
         chosen, weights = counting.plan_samples(scan.frame_number, scan.mask)

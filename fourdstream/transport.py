@@ -9,7 +9,8 @@ bind:
 
 * **receivers bind** (default; a workstation): rank ``r`` binds its module-``m``
   socket at ``tcp://HOST:PORT + 4r + m`` (``PORT`` = ``*`` picks free ports) and
-  rank 0 writes the bound addresses to an endpoints file; senders connect.
+  rank 0 writes the bound addresses, and the routing chunk the ranks expect, to
+  an endpoints file; senders connect.
 * **senders bind** (compute nodes that accept no inbound connections): the
   sender of module ``m`` binds ``tcp://HOST:PORT + r`` for every rank ``r``;
   rank ``r`` connects its module-``m`` socket to ``PORT + r`` of that sender
@@ -30,12 +31,11 @@ import zmq
 
 from .collective import CollectiveError
 from .detector import N_SECTORS
+from .route import DEFAULT_CHUNK, check_chunk
 
 #: Defaults of the NCEM producers: send high-water mark and send timeout.
 DEFAULT_HWM = 1000
 DEFAULT_SEND_TIMEOUT = 10.0  # seconds
-#: How long a sender keeps trying to deliver control messages (and what is queued at exit).
-CONTROL_TIMEOUT = 60.0       # seconds
 
 
 def expand(spec: str, n: int) -> list[str]:
@@ -63,16 +63,18 @@ def advertised(url: str, host: str | None = None) -> str:
     return f"tcp://{host}:{port}"
 
 
-def write_endpoints(path, urls: list[str]) -> None:
-    """Write the ranks' addresses atomically (senders may be polling for the file)."""
+def write_endpoints(path, urls: list[list[str]], chunk: int = DEFAULT_CHUNK) -> None:
+    """Write the ranks' addresses (``urls[rank][module]``) and the routing chunk atomically
+    (senders may be polling for the file)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"ranks": urls}))
+    tmp.write_text(json.dumps({"ranks": urls, "chunk": chunk}))
     os.replace(tmp, path)
 
 
-def read_endpoints(path, wait: float = 60.0) -> list[str]:
-    """Ranks' addresses from an endpoints file, waiting up to ``wait`` s for it."""
+def read_endpoints(path, wait: float = 60.0) -> dict:
+    """``{"ranks": [[address per module] per rank], "chunk": positions}`` from an
+    endpoints file, waiting up to ``wait`` s for it to appear."""
     path = Path(path)
     deadline = time.monotonic() + wait
     while not path.exists():
@@ -80,18 +82,25 @@ def read_endpoints(path, wait: float = 60.0) -> list[str]:
             raise TimeoutError(f"no endpoints file {path} after {wait:.0f} s: is the receiver "
                                f"job running (fourdstream receive --endpoints-file {path})?")
         time.sleep(0.05)
-    return json.loads(path.read_text())["ranks"]
+    found = json.loads(path.read_text())
+    return {"ranks": found["ranks"], "chunk": check_chunk(found.get("chunk", DEFAULT_CHUNK))}
 
 
 def push_sockets(ctx: zmq.Context, urls: list[str], *, bind: bool, hwm: int = DEFAULT_HWM,
                  send_timeout: float = DEFAULT_SEND_TIMEOUT) -> list[zmq.Socket]:
-    """One PUSH socket per rank, bound or connected to ``urls[r]``."""
+    """One PUSH socket per rank, bound or connected to ``urls[r]``.
+
+    Messages queue only on established connections (``ZMQ_IMMEDIATE``), so a
+    rank that is gone blocks its sender at once instead of after ``hwm`` more
+    messages. Queued messages get at most ``send_timeout`` s to leave when a
+    socket closes.
+    """
     sockets = []
     for url in urls:
         s = ctx.socket(zmq.PUSH)
         s.setsockopt(zmq.SNDHWM, hwm)
-        s.setsockopt(zmq.SNDTIMEO, int(send_timeout * 1000))
-        s.setsockopt(zmq.LINGER, int(CONTROL_TIMEOUT * 1000))   # deliver the end messages
+        s.setsockopt(zmq.IMMEDIATE, 1)
+        s.setsockopt(zmq.LINGER, int(send_timeout * 1000))
         (s.bind if bind else s.connect)(url)
         sockets.append(s)
     return sockets
@@ -116,12 +125,13 @@ def pull_socket(ctx: zmq.Context, *, bind: str | None = None, connect: list[str]
 
 
 def rank_sockets(ctx: zmq.Context, comm, *, listen: str | None, connect: list[str] = (),
-                 endpoints_file=None, advertise: str | None = None,
-                 hwm: int = DEFAULT_HWM) -> list[zmq.Socket]:
+                 endpoints_file=None, advertise: str | None = None, hwm: int = DEFAULT_HWM,
+                 chunk: int = DEFAULT_CHUNK) -> list[zmq.Socket]:
     """This MPI rank's PULL sockets, one per module (collective over ``comm``).
 
     ``listen``: spec the ranks bind; ``connect``: the senders' specs in module
-    order (senders bind). Rank 0 writes the bound addresses to ``endpoints_file``.
+    order (senders bind). Rank 0 writes the bound addresses and the routing
+    ``chunk`` to ``endpoints_file``.
     """
     if bool(listen) == bool(connect):
         raise ValueError("give either --listen (ranks bind) or --connect (senders bind)")
@@ -147,23 +157,30 @@ def rank_sockets(ctx: zmq.Context, comm, *, listen: str | None, connect: list[st
             sock.close()
         raise CollectiveError(problems[0])
     if comm.rank == 0 and endpoints_file and listen:
-        write_endpoints(endpoints_file, [addresses for addresses, _ in everyone])
+        write_endpoints(endpoints_file, [addresses for addresses, _ in everyone], chunk)
     return sockets
 
 
 def sender_sockets(ctx: zmq.Context, module: int, *, endpoints_file=None, connect: str | None = None,
                    listen: str | None = None, ranks: int = 0, hwm: int = DEFAULT_HWM,
-                   send_timeout: float = DEFAULT_SEND_TIMEOUT, wait: float = 60.0) -> list[zmq.Socket]:
-    """Module ``module``'s PUSH sockets, one per rank, from exactly one endpoint option."""
+                   send_timeout: float = DEFAULT_SEND_TIMEOUT, wait: float = 60.0
+                   ) -> tuple[list[zmq.Socket], int | None]:
+    """Module ``module``'s PUSH sockets, one per rank, from exactly one endpoint option.
+
+    Returns the sockets and the routing chunk the ranks announced in the
+    endpoints file (None without one).
+    """
     given = [o for o in (endpoints_file, connect, listen) if o]
     if len(given) != 1:
         raise ValueError("give exactly one of --endpoints-file, --connect or --listen")
+    chunk = None
     if endpoints_file:
-        urls, bind = [rank[module] for rank in read_endpoints(endpoints_file, wait)], False
+        found = read_endpoints(endpoints_file, wait)
+        urls, bind, chunk = [rank[module] for rank in found["ranks"]], False, found["chunk"]
     elif ranks < 1:
         raise ValueError("--connect/--listen need --ranks (the receiver job's rank count)")
     elif connect:
         urls, bind = expand(connect, ranks * N_SECTORS)[module::N_SECTORS], False
     else:
         urls, bind = expand(listen, ranks), True
-    return push_sockets(ctx, urls, bind=bind, hwm=hwm, send_timeout=send_timeout)
+    return push_sockets(ctx, urls, bind=bind, hwm=hwm, send_timeout=send_timeout), chunk

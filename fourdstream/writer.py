@@ -2,11 +2,11 @@
 
 Steps (every rank calls :func:`write_counted_scan` with its own frames):
 
-1. **Ownership.** Rank ``r`` owns the contiguous block of scan positions given by
-   :meth:`ScanGeometry.position_blocks`. Frames held by another rank than their
-   owner are moved there first (``Alltoallv``), so every rank writes one
-   contiguous slab; when the data already sits with its owners (the offline job
-   and the streaming receiver route it so) nothing moves.
+1. **Ownership.** Rank ``r`` writes the contiguous slab of scan positions given by
+   :func:`fourdstream.route.slab_bounds`. Ranks count frames interleaved
+   (:func:`fourdstream.route.owner`), so the counted events (not the frames) are
+   moved to their slab's rank first with one ``Alltoallv``; on one rank, or when
+   every frame already sits with its slab's rank, nothing moves.
 2. **Sizes.** Frames per position ``F`` (global max) fixes the slots; per-rank
    event totals are exchanged as 64-bit integers (a 1024x1024 scan at 500
    events/frame holds more than 2**31 events) to find each rank's offsets.
@@ -44,6 +44,7 @@ import numpy as np
 from . import __version__
 from .collective import CollectiveError, agree, on_root
 from .detector import FRAME_COLS, FRAME_ROWS, ScanGeometry
+from .route import slab_bounds, slab_owner
 from .io import GROUP, STEMPY_VERSION, VLEN_CHUNK, events_as_objects
 from .sparse import CountedFrames
 
@@ -84,8 +85,9 @@ def _agree(comm, fn):
 
 # -- step 1: ownership -----------------------------------------------------------------
 def redistribute(counted: CountedFrames, geometry: ScanGeometry, comm) -> CountedFrames:
-    """Move frames to the rank owning their position block (see module docstring)."""
-    owner = geometry.owner(counted.position, comm.size) if len(counted) else np.zeros(0, np.int64)
+    """Move frames to the rank writing their position's slab (see module docstring)."""
+    owner = slab_owner(counted.position, geometry.n_positions, comm.size) if len(counted) \
+        else np.zeros(0, np.int64)
     misplaced = int(np.count_nonzero(owner != comm.rank))
     if comm.allreduce(misplaced) == 0:
         return counted
@@ -134,7 +136,7 @@ class _Slab:
 
 
 def _slab(counted: CountedFrames, geometry: ScanGeometry, fpp: int, comm) -> _Slab:
-    lo, hi = geometry.position_blocks(comm.size)[comm.rank:comm.rank + 2]
+    lo, hi = slab_bounds(geometry.n_positions, comm.size)[comm.rank:comm.rank + 2]
     counted = counted.sorted()
     n = (hi - lo) * fpp
     first = np.r_[True, counted.position[1:] != counted.position[:-1]] if len(counted) else \
@@ -173,7 +175,7 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
     path = Path(path)
     parallel = _parallel_hdf5()
     counted = redistribute(counted, geometry, comm)
-    per_position = np.bincount(counted.position - geometry.position_blocks(comm.size)[comm.rank]) \
+    per_position = np.bincount(counted.position - slab_bounds(geometry.n_positions, comm.size)[comm.rank]) \
         if len(counted) else np.zeros(0, np.int64)
     fpp = max(comm.allreduce(int(per_position.max()) if len(per_position) else 0,
                              op=_max_op()), geometry.frames_per_position, 1)

@@ -96,14 +96,18 @@ class StreamSession:
         self.senders.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                              text=True))
 
-    def wait(self, timeout: float = 120, senders_only: bool = False):
-        """Wait for the senders (and the receiver); returns (exit code, output, summaries)."""
+    def wait(self, timeout: float = 120, senders_only: bool = False, sender_status=0):
+        """Wait for the senders (and the receiver); returns (exit code, output, summaries).
+
+        Every sender must exit with ``sender_status`` (an int or a tuple of them).
+        """
         import subprocess
 
         try:
             for p in self.senders:
                 out, _ = p.communicate(timeout=timeout)
-                assert p.returncode == 0, f"sender failed: {out}"
+                assert p.returncode in np.atleast_1d(sender_status), \
+                    f"sender exited {p.returncode}, expected {sender_status}: {out}"
             if senders_only:
                 return None
             output, _ = self.receiver.communicate(timeout=timeout)

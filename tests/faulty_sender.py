@@ -29,7 +29,8 @@ for spec in sys.argv[5:]:
 geometry = ScanGeometry.from_probe_grid(*parse_scan_size(size))
 source = SimulatedSource(Simulator(geometry, dose=150, seed=seed, pattern="disc"), module, pool_frames=0)
 ctx = zmq.Context()
-router = Router(sender_sockets(ctx, module, endpoints_file=endpoints), sender=f"{module}.0")
+sockets, chunk = sender_sockets(ctx, module, endpoints_file=endpoints)
+router = Router(sockets, sender=f"{module}.0", chunk=chunk)
 router.begin(scan, geometry)
 sectors = list(source.sectors(scan))
 for frame, kinds in faults.items():
@@ -56,6 +57,5 @@ for s in sectors:
     if "dup" in kinds:
         router.send(scan, rank, header, payload)
 router.end(scan)
-for sock in router.sockets:
-    sock.close()
+router.close()
 ctx.term()

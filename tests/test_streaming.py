@@ -1,5 +1,6 @@
 """The streaming pipeline end to end: senders -> mpiexec receiver ranks -> files."""
 
+import os
 import signal
 import socket
 import subprocess
@@ -39,7 +40,7 @@ def send_all(session, *args, skip=()):
             session.send(m, "--simulate", SCAN, "--seed", SEED, "--pool-frames", 0, *args)
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_two_scans_equal_offline_counting_including_thresholds(stream_session, ranks):
     s = stream_session(ranks, "--scans", 2)
     send_all(s, "--scans", 2)
@@ -96,7 +97,7 @@ def test_killed_sender_closes_the_scan_by_timeout_with_the_loss_reported(stream_
     assert time.time() - t0 < 30
     scan = open_counted(summary["path"])
     meta = scan.metadata["fourdstream"]
-    assert meta["closed_by"] == "timeout" and "no message for 2 s" in output
+    assert meta["closed_by"] == "timeout" and "no message on any rank for 2 s" in output
     received_1 = (scan.sector_mask & 0b0010) > 0
     assert received_1[:50].all() and not received_1[59:].any()   # it died before frame 60
     assert meta["frames_complete"] + meta["frames_incomplete"] == 104 and meta["frames_incomplete"] >= 45
@@ -105,11 +106,14 @@ def test_killed_sender_closes_the_scan_by_timeout_with_the_loss_reported(stream_
 
 
 @pytest.mark.parametrize("send_timeout", [10.0, 0.02])
-def test_slow_rank_holds_back_senders_and_nothing_is_unaccounted(stream_session, send_timeout):
+def test_slow_rank_holds_back_senders_and_nothing_is_unaccounted(stream_session, send_timeout,
+                                                                 monkeypatch):
+    monkeypatch.setenv("FOURDSTREAM_TEST_SLOW", "0.25")   # rank 1: 4 frames per 0.25 s
     s = stream_session(2, "--scans", 1, "--bg", 28, "--xr", 700, "--window", 8, "--batch-size", 4,
                        "--hwm", 2, "--timeout", 3, script="slow_receive.py")
     send_all(s, "--hwm", 2, "--send-timeout", send_timeout)
-    rc, output, (summary,) = s.wait(timeout=90)
+    # Senders that dropped messages say so and exit with status 3.
+    rc, output, (summary,) = s.wait(timeout=90, sender_status=0 if send_timeout > 1 else (0, 3))
     assert rc == 0, output
     meta = open_counted(summary["path"]).metadata["fourdstream"]
     dropped = meta["messages_dropped_by_senders"]
@@ -123,6 +127,48 @@ def test_slow_rank_holds_back_senders_and_nothing_is_unaccounted(stream_session,
     assert meta["messages_received"] == meta["sectors_received"] + meta["sectors_late"] + \
         meta["sectors_duplicate"] + meta["sectors_conflicting"] + meta["messages_malformed"]
     assert meta["frames_complete"] + meta["frames_incomplete"] + meta["frames_missing"] == 104
+
+
+def test_a_scan_much_longer_than_the_timeout_arrives_whole_on_4_ranks(stream_session):
+    """Rate-limited senders: each rank waits ~5 s between its chunks, the timeout is 2 s.
+    Ranks agree that the scan is alive while any of them receives."""
+    s = stream_session(4, "--scans", 1, "--bg", 28, "--xr", 700, "--timeout", 2)
+    t0 = time.time()
+    send_all(s, "--rate", 12)             # 104 frames at 12 frames/s: ~9 s
+    rc, output, (summary,) = s.wait(timeout=90)
+    assert rc == 0, output
+    assert time.time() - t0 > 4 * 2
+    meta = open_counted(summary["path"]).metadata["fourdstream"]
+    assert meta["closed_by"] == "end" and meta["frames_complete"] == 104, output
+    assert meta["frames_missing"] == 0 and "no message" not in output
+    events, offsets = offline(simulated(), 28, 700)
+    scan = open_counted(summary["path"])
+    assert np.array_equal(scan.events, events) and np.array_equal(scan.offsets, offsets)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def test_senders_give_up_within_the_send_timeout_when_the_receiver_job_dies(stream_session):
+    s = stream_session(2, "--bg", 28, "--xr", 700)
+    for m in range(4):
+        s.send(m, "--simulate", "64x64", "--rate", 200, "--send-timeout", 2)   # ~20 s of scan
+    time.sleep(3)
+    assert all(p.poll() is None for p in s.senders)          # mid-scan
+    job = _processes_mentioning(f"receive -o {s.out}")
+    assert job
+    for pid in job:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    for p in s.senders:
+        out, _ = p.communicate(timeout=30)
+        assert time.time() - killed < 2 + 5, out
+        assert p.returncode == 3, out
+        assert "sectors sent" in out and "DROPPED" in out and "no receiver rank took a message" in out
+    s.receiver.wait(timeout=10)
+    assert _processes_mentioning(str(s.out)) == []
 
 
 def _free_port() -> int:
@@ -166,7 +212,6 @@ def test_sigterm_writes_the_scan_in_flight_and_exits_0(stream_session):
     pids = [int(p) for p in rank.stdout.split()]
     ranks = [p for p in pids if b"mpiexec" not in open(f"/proc/{p}/cmdline", "rb").read()]
     assert ranks
-    import os
     os.kill(ranks[-1], signal.SIGTERM)   # one rank is told; it stops the others
     rc, output, summaries = s.wait(timeout=60)
     assert rc == 0, output

@@ -1,0 +1,157 @@
+"""Writing the scans a receiver job has finished, one collective write each.
+
+:class:`ScanWriter` runs in a thread of its own on every rank, over a
+communicator of its own, and writes the scans the coordinator hands it, in the
+order handed (the same on every rank), while the next scan is being received.
+Each write gathers the ranks' ledgers, timings and arrival statistics into the
+file's ``/metadata/fourdstream`` and rank 0's one-line summary.
+"""
+
+from __future__ import annotations
+
+import queue
+import resource
+import time
+from pathlib import Path
+
+from ..assembly import ARRIVAL_BIN, Ledger, ScanShare
+from ..pipeline import counting_provenance, frame_accounting
+from ..writer import WriteError, write_counted_scan
+
+
+def rank_concurrency(arrivals: list[dict]) -> float:
+    """Fraction of a scan's duration during which every rank was receiving.
+
+    ``arrivals[r]`` maps time bins (:data:`~fourdstream.assembly.ARRIVAL_BIN` s
+    wide) to the messages rank ``r`` received in them. The duration runs from
+    the first bin with a message on any rank to the last; a bin counts when
+    every rank received at least one message in it. 1.0 for one rank.
+    """
+    bins = set().union(*arrivals)
+    if not bins:
+        return 0.0
+    lo, hi = min(bins), max(bins)
+    busy = sum(1 for b in range(lo, hi + 1) if all(a.get(b, 0) > 0 for a in arrivals))
+    return busy / (hi - lo + 1)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class ScanWriter:
+    """Collective writer of one rank (see module docstring).
+
+    Parameters
+    ----------
+    comm : mpi4py communicator used by the writers alone
+    template : the receiver's :class:`~fourdstream.pipeline.ScanCounting` (options, backend)
+    options : the receiver's :class:`~fourdstream.receive.ReceiverOptions`
+    log : rank 0's messages
+    memory_bound : callable giving a rank's memory bound (MB) from the events it holds
+    """
+
+    def __init__(self, comm, template, options, log=print, memory_bound=None):
+        self.comm, self.template, self.options = comm, template, options
+        self.memory_bound = memory_bound
+        self.log = log if comm.rank == 0 else (lambda *a, **k: None)
+        self.summaries: list[dict] = []    # rank 0: one per written scan
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Write the shares put on :attr:`queue` until ``None`` (the thread's body)."""
+        while True:
+            share = self.queue.get()
+            if share is None:
+                return
+            if self.error is None:
+                try:
+                    self.write(share)
+                except BaseException as exc:   # reported by the receiver
+                    self.error = exc
+
+    def write(self, share: ScanShare) -> dict | None:
+        """Write one scan collectively; returns rank 0's summary (None if not written)."""
+        comm = self.comm
+        counted = share.result()
+        failures = [f for f in comm.allgather(share.failed) if f]
+        ledger = Ledger()
+        for part in comm.allgather(share.ledger):
+            ledger.add(part)
+        if failures:
+            self.log(f"scan {share.scan}: NOT written: {failures[0]}")
+            return None
+        calibration = next(c for c in comm.allgather(share.counting.calibration) if c is not None)
+        geometry = next(g for g, by in comm.allgather((share.geometry, share.closed_by))
+                        if by != "nothing received")
+        ranks = comm.allgather({"first_message": share.first_message,
+                                "last_message": share.last_message, "last_send": share.last_send,
+                                "first_send": share.first_send, "closed_by": share.closed_by,
+                                "arrivals": dict(share.arrivals), "events": counted.n_events})
+        heard = [r for r in ranks if r["arrivals"]] or ranks
+        timings = {"first_send": min(min(r["first_send"] for r in ranks),
+                                     min(r["first_message"] for r in heard)),
+                   "first_message": min(r["first_message"] for r in heard),
+                   "last_message": max(r["last_message"] for r in heard),
+                   "last_send": max(r["last_send"] for r in ranks)}
+        provenance = dict(
+            counting_provenance(self.template.options, calibration, self.template.backend),
+            source="stream", scan_number=share.scan, ranks=comm.size, senders=self.options.senders,
+            **frame_accounting(geometry.n_frames, ledger.frames_complete, ledger.frames_incomplete),
+            closed_by=sorted({r["closed_by"] for r in ranks} - {"nothing received"}),
+            **ledger.provenance(), rank_concurrency=rank_concurrency([r["arrivals"] for r in ranks]),
+            arrival_bin_seconds=ARRIVAL_BIN, timings=timings)
+        path = comm.bcast(self._output_path(share.scan) if comm.rank == 0 else None, root=0)
+        try:
+            report = write_counted_scan(path, counted, geometry,
+                                        electron_counting=calibration.as_dict(),
+                                        provenance=provenance, comm=comm,
+                                        overwrite=self.options.overwrite)
+        except WriteError as exc:
+            self.log(f"scan {share.scan}: NOT written: {exc}")
+            return None
+        closed = time.time()
+        last_send = timings["last_send"] or timings["last_message"]
+        summary = dict(scan=share.scan, path=str(path), frames=provenance["frames_found"],
+                       events=report.n_events, expected=geometry.n_frames,
+                       complete=ledger.frames_complete, incomplete=ledger.frames_incomplete,
+                       missing=provenance["frames_missing"], ledger=ledger.as_dict(),
+                       closed_by=provenance["closed_by"], seconds=closed - timings["first_send"],
+                       latency=closed - last_send, write_seconds=report.seconds_total,
+                       thresholds=(calibration.background_threshold, calibration.x_ray_threshold),
+                       calibrated=bool(calibration.threshold_calculated),
+                       rank_concurrency=provenance["rank_concurrency"],
+                       rank_seconds=[r["last_message"] - r["first_message"] for r in ranks],
+                       peak_rss_mb=comm.allgather(peak_rss_mb()),
+                       memory_bound_mb=self.memory_bound(max(r["events"] for r in ranks))
+                       if self.memory_bound else None)
+        if comm.rank == 0:
+            self.summaries.append(summary)
+            self.log(format_scan_summary(summary))
+        return summary
+
+    def _output_path(self, scan: int) -> Path:
+        """``scanNNNNNNNNNN.h5`` in the output folder; never an existing file's name."""
+        folder = Path(self.options.output)
+        path = folder / f"scan{scan:010d}.h5"
+        if self.options.overwrite:
+            return path
+        k = 1
+        while path.exists():
+            path = folder / f"scan{scan:010d}.{k}.h5"
+            k += 1
+        return path
+
+
+def format_scan_summary(s: dict) -> str:
+    """Rank 0's one-line summary of a written scan."""
+    lost = s["ledger"]
+    extra = ", ".join(f"{k} {lost[k]}" for k in Ledger.LOSSES if lost[k])
+    return (f"scan {s['scan']} -> {s['path']}: {s['frames']:,}/{s['expected']:,} frames "
+            f"({s['complete']:,} complete, {s['incomplete']:,} incomplete, {s['missing']:,} missing), "
+            f"{s['events']:,} events; closed by {'/'.join(s['closed_by'])}; "
+            f"{s['frames'] / max(s['seconds'], 1e-9):,.0f} frames/s; all ranks receiving "
+            f"{s['rank_concurrency']:.0%} of the time; last frame sent -> file closed "
+            f"{s['latency']:.2f} s" + (f"; losses: {extra}" if extra else ""))
