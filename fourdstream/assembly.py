@@ -26,7 +26,7 @@ from .sparse import CountedFrames
 
 _SECTOR_ROWS = [sector_slice(m)[0] for m in range(N_SECTORS)]
 
-#: Width (seconds) of the time bins in which a rank counts the messages it receives.
+#: Width (seconds) of the time bins in which a rank records its messages and busy time.
 ARRIVAL_BIN = 0.1
 
 
@@ -120,15 +120,23 @@ class ScanShare:
         self.closed_by: str | None = None     # "end", "timeout", "shutdown"
         self.heard: dict[tuple, int] = {}     # (module, thread) -> highest frame number received
         self.arrivals: collections.Counter = collections.Counter()  # ARRIVAL_BIN bin -> messages
+        self.busy: set[int] = set()           # bins in which frames of the scan were in flight here
 
     def received(self, module: int, thread: int, frame: int) -> None:
         """Note one sector message of the scan from sender stream ``(module, thread)``."""
         self.last_message = now = time.time()
         self.n_received += 1
         self.arrivals[int(now / ARRIVAL_BIN)] += 1
+        self.busy.add(int(now / ARRIVAL_BIN))
         key = (module, thread)
         if frame > self.heard.get(key, -1):
             self.heard[key] = frame
+
+    def note_busy(self, since: float, now: float) -> None:
+        """Record the time bins from ``since`` to ``now`` as busy if frames are being
+        assembled, wait to be counted or are being counted here."""
+        if self.pending or self.ready or self.in_flight:
+            self.busy.update(range(int(since / ARRIVAL_BIN), int(now / ARRIVAL_BIN) + 1))
 
     def horizon(self, n_streams: int) -> float:
         """Frame number up to which every frame routed here has arrived (or never will).

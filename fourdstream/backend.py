@@ -1,20 +1,36 @@
-"""Choice of array module for counting: numpy on CPU, CuPy on a GPU.
+"""Choice of counting kernel: compiled on CPU, CuPy on a GPU, or the numpy reference.
 
-``select("auto")`` takes CuPy when it imports *and* a CUDA device answers, else
-numpy; ``select("gpu")`` fails with a clear message when no device is usable;
-``select("cpu")`` is always numpy. The counting kernel is written against the
-returned module, so the CPU tests run the same logic the GPU executes.
+``select(choice)`` returns a :class:`Backend`: the array module the frames live in
+and the counter class that counts them.
+
+* ``"cpu"``: the compiled kernel (:class:`~fourdstream.compiled.CompiledCounter`, numba);
+* ``"numpy"``: the array-module kernel on numpy (:class:`~fourdstream.counting.ElectronCounter`),
+  the reference the others are tested against;
+* ``"gpu"``: the array-module kernel on CuPy; fails with a clear message when no device is usable;
+* ``"auto"``: CuPy when it imports *and* a CUDA device answers, else the compiled kernel.
+
+The array-module kernel is written against the module, so the CPU tests run the
+same logic the GPU executes. numba and CuPy are imported only when chosen.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-CHOICES = ("auto", "cpu", "gpu")
+CHOICES = ("auto", "cpu", "numpy", "gpu")
 
 
 class BackendError(RuntimeError):
-    """The requested array backend is not usable here."""
+    """The requested backend is not usable here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    xp: object          #: array module of the frames (numpy or cupy)
+    counter: type       #: ElectronCounter or a subclass
+    description: str
 
 
 def _cupy_or_reason():
@@ -31,18 +47,23 @@ def _cupy_or_reason():
     return cupy, ""
 
 
-def select(choice: str = "auto"):
-    """Return ``(xp, description)`` for ``choice`` in ``CHOICES``."""
+def select(choice: str = "auto") -> Backend:
+    """The :class:`Backend` for ``choice`` in ``CHOICES``."""
+    from .counting import ElectronCounter
+
     if choice not in CHOICES:
         raise BackendError(f"backend must be one of {CHOICES}, got {choice!r}")
-    if choice == "cpu":
-        return np, "numpy (CPU)"
-    cupy, reason = _cupy_or_reason()
-    if cupy is not None:
-        return cupy, f"cupy (GPU {cupy.cuda.runtime.getDevice()})"
-    if choice == "gpu":
-        raise BackendError(f"--backend gpu: {reason}; use --backend cpu or auto")
-    return np, f"numpy (CPU; {reason})"
+    if choice == "numpy":
+        return Backend(np, ElectronCounter, "numpy (CPU, array-module kernel)")
+    if choice in ("gpu", "auto"):
+        cupy, reason = _cupy_or_reason()
+        if cupy is not None:
+            return Backend(cupy, ElectronCounter, f"cupy (GPU {cupy.cuda.runtime.getDevice()})")
+        if choice == "gpu":
+            raise BackendError(f"--backend gpu: {reason}; use --backend cpu or auto")
+    from .compiled import CompiledCounter
+    return Backend(np, CompiledCounter, "compiled (CPU, numba)"
+                   + (f"; {reason}" if choice == "auto" else ""))
 
 
 def to_numpy(a) -> np.ndarray:

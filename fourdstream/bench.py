@@ -16,7 +16,12 @@ Stages and their ceilings (each measured in the same run, right next to the stag
   transport alone (ranks receive and assemble but do not count) and the
   counting alone (R ranks counting frames already in memory); plus the latency
   from the last frame sent to the file closed;
-* **scaling**: end to end and counting alone with 1, 2, 4 ranks.
+* **scaling**: end to end and counting alone with 1, 2, 4 ranks, and the rank
+  concurrency: the fraction of the scan's duration during which every rank
+  had frames in flight (from the ranks' per-0.1-s activity);
+* **scale** (only when asked for, minutes): one production-size scan (512x512
+  + flyback, 262,656 frames, 174 GB over loopback) into 4 ranks: time,
+  frames/s, peak memory per rank, frames missing.
 
 Every figure is repeated after a warm-up and reported as min/median/max. The
 record (machine, versions, parameters, figures, sizing for the 4D Camera line
@@ -30,6 +35,7 @@ their own processes or an mpiexec job.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -49,6 +55,7 @@ from .detector import FRAME_PIXELS, SECTOR_BYTES
 LINE_RATE_FPS = 87_000           #: 4D Camera frames/s
 LINE_RATE_GBPS = 57.7            #: 4D Camera pixel payload, GB/s
 REGRESSION_TOLERANCE = 0.15      #: --compare flags changes worse than this fraction
+CONCURRENT = 0.9                 #: rank concurrency a run needs for the end-to-end sizing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,19 +64,22 @@ class Config:
 
     repeats: int = 3
     count_frames: int = 256
+    command_frames: int = 1024
     stempy_frames: int = 8
     transport_frames: int = 1000
     write_events: int = 4_000_000
     write_ranks: tuple = (1, 2, 4)
-    stream_scan: str = "32x32"
+    stream_scan: str = "64x64"
     stream_ranks: int = 2
     scaling_ranks: tuple = (1, 2, 4)
+    scale_scan: str = "512x512"
+    scale_ranks: int = 4
     cores_per_node: int = 128
 
 
 QUICK = Config()
-FULL = Config(repeats=5, count_frames=1024, stempy_frames=32, transport_frames=4000,
-              write_events=40_000_000, write_ranks=(1, 2, 3, 4), stream_scan="64x64")
+FULL = Config(repeats=5, count_frames=1024, command_frames=8192, stempy_frames=32, transport_frames=4000,
+              write_events=40_000_000, write_ranks=(1, 2, 3, 4), stream_scan="128x128")
 
 
 def _stats(values) -> dict:
@@ -115,48 +125,148 @@ def _python(*args) -> list[str]:
 
 # == stages =========================================================================
 def bench_counting(cfg: Config, log) -> dict:
+    """Kernels per core at 15, 150 and 1,500 electrons/frame, plain, with a dark, with a dark and
+    a gain, against one read of the same frames (the faster of numpy's and a compiled pass)."""
     from . import backend
-    from .counting import ElectronCounter
+    from .compiled import CompiledCounter, read_pass
+    from .counting import ElectronCounter, Thresholds
     from .detector import ScanGeometry
     from .pipeline import CountingOptions, ScanCounting
     from .simulate import Simulator
 
     n = cfg.count_frames
-    frames = Simulator(ScanGeometry(n, 1), dose=150, seed=1, pattern="disc").frames(0, n)[0]
-    calib = ScanCounting(CountingOptions(backend="cpu"))
-    chosen, weights = calib.plan_samples(np.arange(1, n + 1), np.full(n, 0b1111))
-    cal = calib.calibrate({int(f): (int(w), frames[f - 1]) for f, w in zip(chosen, weights)})
-    bg, xr = cal.background_threshold, cal.x_ray_threshold
-    log(f"counting: {n} frames, NCEM settings -> bg {bg:.1f}, xr {xr:.0f} ADU")
-    counter = ElectronCounter(cal.thresholds)
-    out = {"frames": n, "thresholds": [bg, xr],
-           "numpy_fps": _stats(n / t for t in _timed(lambda: counter.count(frames), cfg.repeats)),
-           "memory_pass_fps": _stats(n / t for t in _timed(lambda: frames.max(axis=(1, 2)),
-                                                           cfg.repeats)),
-           "threshold_pass_fps": _stats(n / t for t in _timed(lambda: np.flatnonzero(frames > bg),
-                                                              cfg.repeats))}
+    gain = np.random.default_rng(0).uniform(0.8, 1.25, (576, 576)).astype(np.float32)
+    out = {"frames": n, "by_dose": {}, "compile_seconds": _compile_seconds()}
+    sims = {dose: Simulator(ScanGeometry(n, 1), dose=dose, seed=1, pattern="disc")
+            for dose in (15, 150, 1500)}
+    # Thresholds: the NCEM calibration (dark = zeros) of the 150 e-/frame frames; with a dark,
+    # the same thresholds less the mean dark level (as far above the background).
+    calib = ScanCounting(CountingOptions(backend="numpy"))
+    sample = sims[150].frames(0, 20)[0]
+    chosen, weights = calib.plan_samples(np.arange(1, 21), np.full(20, 0b1111))
+    cal = calib.calibrate({int(f): (int(w), sample[f - 1]) for f, w in zip(chosen, weights)})
+    level = float(sims[150].dark.mean())
+    plain = cal.thresholds
+    darkened = Thresholds(plain.background - level, plain.xray - level)
+    out["thresholds"] = {"plain": [plain.background, plain.xray],
+                         "with_dark": [darkened.background, darkened.xray]}
+    for dose, sim in sims.items():
+        frames = sim.frames(0, n)[0]
+        memory = max(_stats(n / t for t in _timed(lambda: frames.max(axis=(1, 2)), cfg.repeats)),
+                     _stats(n / t for t in _timed(lambda: read_pass(frames), cfg.repeats)),
+                     key=lambda x: x["median"])
+        out["by_dose"][str(dose)] = figures = {"memory_pass_fps": memory}
+        for variant, dark, g in (("plain", None, None), ("dark", sim.dark, None),
+                                 ("dark+gain", sim.dark, gain)):
+            counter = CompiledCounter(plain if dark is None else darkened, dark, g)
+            fps = _stats(n / t for t in _timed(lambda: counter.count(frames), cfg.repeats))
+            figures[variant] = {"compiled_fps": fps,
+                                "ratio_to_memory_pass": fps["median"] / memory["median"]}
+        if dose == 150:
+            reference = ElectronCounter(darkened, sim.dark)
+            figures["dark"]["numpy_fps"] = _stats(n / t for t in _timed(lambda: reference.count(frames),
+                                                                        cfg.repeats))
+            headline = (frames, sim.dark)
+        log(f"counting, {dose} e-/frame: " + ", ".join(
+            f"{v} {figures[v]['compiled_fps']['median']:,.0f} frames/s" for v in ("plain", "dark",
+                                                                                "dark+gain")))
+    frames, dark = headline
+    c = out["by_dose"]["150"]
+    out["compiled_fps"] = c["dark"]["compiled_fps"]
+    out["numpy_fps"] = c["dark"]["numpy_fps"]
+    out["memory_pass_fps"] = c["memory_pass_fps"]
+    out["ratio_to_memory_pass"] = c["dark"]["ratio_to_memory_pass"]
+    bg, xr = out["thresholds"]["with_dark"]
     try:
         from stempy.image import electron_count_frame
         k = cfg.stempy_frames
         out["stempy_fps"] = _stats(k / t for t in _timed(
-            lambda: [electron_count_frame(f, background_threshold=bg, xray_threshold=xr)
-                     for f in frames[:k]], cfg.repeats))
+            lambda: [electron_count_frame(f, darkreference=dark, background_threshold=bg,
+                                          xray_threshold=xr) for f in frames[:k]], cfg.repeats))
+        out["speedup_vs_stempy"] = out["compiled_fps"]["median"] / out["stempy_fps"]["median"]
     except ImportError:
         out["stempy_fps"] = None
-    xp, description = backend.select("auto")
-    if xp is not np:
-        gpu = ElectronCounter(cal.thresholds, xp=xp)
-        dev = xp.asarray(frames)
+    chosen = backend.select("auto")
+    if chosen.xp is not np:
+        gpu = ElectronCounter(darkened, dark, xp=chosen.xp)
+        dev = chosen.xp.asarray(frames)
 
         def on_gpu():
             gpu.count(dev)
-            xp.cuda.Device().synchronize()
+            chosen.xp.cuda.Device().synchronize()
         out["cupy_fps"] = _stats(n / t for t in _timed(on_gpu, cfg.repeats))
-    out["backends"] = ["numpy"] + (["cupy"] if xp is not np else [])
-    out["ratio_to_memory_pass"] = out["numpy_fps"]["median"] / out["memory_pass_fps"]["median"]
-    out["ratio_to_threshold_pass"] = out["numpy_fps"]["median"] / out["threshold_pass_fps"]["median"]
-    if out["stempy_fps"]:
-        out["speedup_vs_stempy"] = out["numpy_fps"]["median"] / out["stempy_fps"]["median"]
+    out["backends"] = ["compiled", "numpy"] + (["cupy"] if chosen.xp is not np else [])
+    return out
+
+
+def _compile_seconds() -> dict:
+    """First count of a fresh process with an empty numba cache, and with the cache filled."""
+    code = ("import time; t = time.perf_counter(); import numpy as np; "
+            "from fourdstream.compiled import CompiledCounter; from fourdstream.counting import Thresholds; "
+            "CompiledCounter(Thresholds(28, 700)).count(np.zeros((1, 576, 576), np.uint16)); "
+            "print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        runs = [float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                     text=True, check=True).stdout) for _ in range(2)]
+    return {"uncached": runs[0], "cached": runs[1]}
+
+
+def bench_count_command(cfg: Config, folder: Path, log) -> dict:
+    """``fourdstream count`` on raw files, process start to file closed, vs stempy's threaded
+    count of the same files and vs reading them with numpy alone (all in fresh processes).
+
+    Both counts calibrate their thresholds with the NCEM production settings and no dark
+    (stempy 3.6's threshold calculation fails with a dark reference on these files)."""
+    from .detector import ScanGeometry
+    from .simulate import Simulator, write_scan
+
+    n = cfg.command_frames
+    width = int(np.sqrt(n))
+    sim = Simulator(ScanGeometry(width, n // width), dose=150, seed=2, pattern="disc")
+    raw = folder / "command_raw"
+    files = write_scan(sim, raw, scan_number=1, n_dst=2, frames_per_file=1024)
+    cpus = len(os.sched_getaffinity(0))
+    log(f"count command: {sim.n_frames:,} frames ({sum(f.stat().st_size for f in files) / 1e9:.2f} GB), "
+        f"1 and {cpus} threads, stempy with {cpus} threads")
+    ours = lambda t: [sys.executable, "-m", "fourdstream", "count", str(raw), "-o",
+                      str(folder / "command.h5"), "--overwrite", "--threads", str(t)]
+    stempy_count = [sys.executable, "-c",
+              "import glob, os, sys, numpy as np, stempy.io, stempy.image; "
+              "os.path.exists(sys.argv[3]) and os.remove(sys.argv[3]); "
+              "files = sorted(glob.glob(sys.argv[1] + '/*.data')); "
+              "r = stempy.io.reader(files, version=stempy.io.FileVersion.VERSION5, backend='multi-pass', "
+              "threads=int(sys.argv[4])); "
+              "a = stempy.image.electron_count(r, number_of_samples=1200, "
+              "threshold_num_blocks=20, xray_threshold_n_sigma=175, background_threshold_n_sigma=4, "
+              "scan_dimensions=(int(sys.argv[5]), int(sys.argv[6]))); "
+              "stempy.io.save_electron_counts(sys.argv[3], a)",
+              str(raw), "", str(folder / "stempy.h5"), str(cpus),
+              str(sim.geometry.width), str(sim.geometry.height)]
+    read = [sys.executable, "-c", "import sys, numpy as np; [np.fromfile(f, np.uint8) for f in sys.argv[1:]]",
+            *map(str, files)]
+
+    def wall(cmd):
+        def run_once():
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}): {proc.stderr[-1500:]}")
+        return run_once
+
+    repeats = min(cfg.repeats, 3)
+    out = {"frames": sim.n_frames, "cpus": cpus,
+           "read_seconds": _stats(_timed(wall(read), repeats)),
+           "ours_1_thread_seconds": _stats(_timed(wall(ours(1)), repeats)),
+           "ours_seconds": _stats(_timed(wall(ours(cpus)), repeats))}
+    if importlib.util.find_spec("stempy") is not None:
+        out["stempy_seconds"] = _stats(_timed(wall(stempy_count), repeats))
+        out["speedup_vs_stempy"] = out["stempy_seconds"]["median"] / out["ours_seconds"]["median"]
+    else:
+        out["stempy_seconds"] = None
+    out["ratio_to_read"] = out["read_seconds"]["median"] / out["ours_seconds"]["median"]
+    out["threads_speedup"] = out["ours_1_thread_seconds"]["median"] / out["ours_seconds"]["median"]
+    for path in (folder / "command.h5", folder / "stempy.h5"):
+        path.unlink(missing_ok=True)
     return out
 
 
@@ -263,6 +373,8 @@ def bench_write(cfg: Config, folder: Path, log) -> dict:
                           cfg.repeats + 1)
         runs = worker["runs"][1:]   # the first one is the warm-up
         out["ranks"][str(n)] = {
+            "slabs_seconds": _stats(r["slabs"] for r in runs),
+            "interleaved_seconds": _stats(r["interleaved"] for r in runs),
             "collective_gbps": _stats(nbytes / r["collective"] / 1e9 for r in runs),
             "total_gbps": _stats(nbytes / r["total"] / 1e9 for r in runs),
             "stempy_view_seconds": _stats(r["stempy_view"] for r in runs),
@@ -285,6 +397,8 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
         out[f"{mode}_fps"] = _stats(r["frames"] / r["seconds"] for r in done)
         if mode == "full":
             out["latency_seconds"] = _stats(r["latency"] for r in done)
+            out["rank_concurrency"] = _stats(r["rank_concurrency"] for r in done)
+            out["peak_rss_mb"] = max(max(r["peak_rss_mb"]) for r in done)
             out["frames"] = done[0]["frames"]
             out["complete"] = min(r["complete"] for r in done)
         log(f"stream {mode}, {ranks} rank(s): {out[f'{mode}_fps']['median']:,.0f} frames/s")
@@ -297,7 +411,12 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
     return out
 
 
-def _stream_once(scan: str, ranks: int, mode: str, folder: Path) -> dict:
+#: Seconds the senders of a streamed run get to start before the scan begins (--start-at).
+SENDER_START = 3.0
+
+
+def _stream_once(scan: str, ranks: int, mode: str, folder: Path, timeout: float = 300) -> dict:
+    """One streamed scan, 4 senders starting together; the receiver's summary."""
     from .launch import mpi_environment, mpiexec_command
     from .transport import read_endpoints
 
@@ -309,12 +428,14 @@ def _stream_once(scan: str, ranks: int, mode: str, folder: Path) -> dict:
         stderr=subprocess.PIPE, text=True)
     try:
         read_endpoints(endpoints, wait=60)
+        start_at = time.time() + SENDER_START
         senders = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--module", str(m),
-                                     "--simulate", scan, "--pool-frames", "256", "--endpoints-file",
-                                     str(endpoints)], stdout=subprocess.DEVNULL) for m in range(4)]
+                                     "--simulate", scan, "--pool-frames", "256", "--start-at",
+                                     str(start_at), "--endpoints-file", str(endpoints)],
+                                    stdout=subprocess.DEVNULL) for m in range(4)]
         for p in senders:
-            p.wait(timeout=300)
-        _, err = receiver.communicate(timeout=300)
+            p.wait(timeout=timeout)
+        _, err = receiver.communicate(timeout=timeout)
     finally:
         if receiver.poll() is None:
             receiver.kill()
@@ -322,6 +443,22 @@ def _stream_once(scan: str, ranks: int, mode: str, folder: Path) -> dict:
         raise RuntimeError(f"benchmark receiver ({mode}) failed: {err[-2000:]}")
     (s,) = json.loads(summary.read_text())
     return s
+
+
+def bench_scale(cfg: Config, folder: Path, log) -> dict:
+    """A production-size scan streamed into ``cfg.scale_ranks`` ranks, once."""
+    log(f"scale: {cfg.scale_scan} (+ flyback) into {cfg.scale_ranks} ranks (minutes)")
+    t0 = time.perf_counter()
+    s = _stream_once(cfg.scale_scan, cfg.scale_ranks, "full", folder / "scale", timeout=3600)
+    wall = time.perf_counter() - t0
+    for leftover in (folder / "scale").glob("*.h5"):
+        leftover.unlink()
+    return {"scan": cfg.scale_scan, "ranks": cfg.scale_ranks, "frames": s["frames"],
+            "expected": s["expected"], "missing": s["missing"], "incomplete": s["incomplete"],
+            "seconds": s["seconds"], "wall_seconds": wall, "fps": s["frames"] / s["seconds"],
+            "gbps": s["frames"] * 2 * FRAME_PIXELS / s["seconds"] / 1e9,
+            "latency": s["latency"], "rank_concurrency": s["rank_concurrency"],
+            "peak_rss_mb": s["peak_rss_mb"], "memory_bound_mb": s["memory_bound_mb"]}
 
 
 def _run_mpi(n: int, worker: str, *args) -> dict:
@@ -342,13 +479,19 @@ def sizing(record: dict, cores_per_node: int) -> dict:
     st = record["stages"]
     per_core = {}
     if "counting" in st:
-        per_core["counting"] = st["counting"]["numpy_fps"]["median"]
+        per_core["counting"] = st["counting"]["compiled_fps"]["median"]
     if "transport" in st:   # the whole machine ran it: rate per core used
         per_core["transport"] = st["transport"]["fourdstream_fps"]["median"] / cpus
-    if "end_to_end" in st:
-        per_core["end_to_end"] = st["end_to_end"]["full_fps"]["median"] / cpus
     out = {"line_rate_fps": LINE_RATE_FPS, "line_rate_gbps": LINE_RATE_GBPS,
            "cores_per_node": cores_per_node, "stages": {}}
+    # End to end: only runs in which every rank received all through the scan.
+    concurrent = {n: r for n, r in st.get("scaling", {}).get("ranks", {}).items()
+                  if int(n) > 1 and r["rank_concurrency"]["median"] >= CONCURRENT}
+    if concurrent:
+        n, best = max(concurrent.items(), key=lambda item: item[1]["full_fps"]["median"])
+        per_core["end_to_end"] = best["full_fps"]["median"] / cpus
+        out["end_to_end_basis"] = (f"{n} ranks, every rank busy "
+                                   f"{best['rank_concurrency']['median']:.0%} of the scan")
     for stage, rate in per_core.items():
         ranks = int(np.ceil(LINE_RATE_FPS / rate))
         out["stages"][stage] = {"frames_per_s_per_core": rate, "ranks": ranks,
@@ -381,10 +524,12 @@ def versions() -> dict:
     return out
 
 
-STAGES = ("counting", "transport", "write", "end_to_end", "scaling")
+STAGES = ("counting", "count_command", "transport", "write", "end_to_end", "scaling", "scale")
+#: Stages run unless --stages says otherwise (scale takes minutes).
+DEFAULT_STAGES = STAGES[:-1]
 
 
-def run(cfg: Config, stages=STAGES, log=print) -> dict:
+def run(cfg: Config, stages=DEFAULT_STAGES, log=print) -> dict:
     """Run the harness; returns the JSON record."""
     record = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
               "versions": versions(), "parameters": dataclasses.asdict(cfg), "stages": {}}
@@ -392,6 +537,8 @@ def run(cfg: Config, stages=STAGES, log=print) -> dict:
         folder = Path(tmp)
         if "counting" in stages:
             record["stages"]["counting"] = bench_counting(cfg, log)
+        if "count_command" in stages:
+            record["stages"]["count_command"] = bench_count_command(cfg, folder, log)
         if "transport" in stages:
             record["stages"]["transport"] = bench_transport(cfg, log)
         if "write" in stages:
@@ -406,6 +553,8 @@ def run(cfg: Config, stages=STAGES, log=print) -> dict:
                 runs[str(n)] = e2e if e2e.get("ranks") == n else bench_stream(cfg, n, folder, log,
                                                                               ceilings=False)
             record["stages"]["scaling"] = {"ranks": runs}
+        if "scale" in stages:
+            record["stages"]["scale"] = bench_scale(cfg, folder, log)
     record["sizing"] = sizing(record, cfg.cores_per_node)
     return record
 
@@ -420,14 +569,31 @@ def table(record: dict) -> str:
 
     if "counting" in st:
         c = st["counting"]
-        row("counting, numpy (1 core)", f"{med(c['numpy_fps']):,.0f} frames/s",
-            f"memory pass {med(c['memory_pass_fps']):,.0f} frames/s", f"{c['ratio_to_memory_pass']:.2f}")
-        row("counting vs threshold pass", f"{med(c['numpy_fps']):,.0f} frames/s",
-            f"flatnonzero(f > bg) {med(c['threshold_pass_fps']):,.0f} frames/s",
-            f"{c['ratio_to_threshold_pass']:.2f}")
+        for dose, figures in c["by_dose"].items():
+            for variant in ("plain", "dark", "dark+gain"):
+                k = figures[variant]
+                row(f"counting, compiled, {dose} e-/frame, {variant} (1 core)",
+                    f"{med(k['compiled_fps']):,.0f} frames/s",
+                    f"memory pass {med(figures['memory_pass_fps']):,.0f} frames/s",
+                    f"{k['ratio_to_memory_pass']:.2f}")
+        row("counting, numpy reference, 150, dark", f"{med(c['numpy_fps']):,.0f} frames/s",
+            f"compiled {med(c['compiled_fps']):,.0f} frames/s",
+            f"{med(c['numpy_fps']) / med(c['compiled_fps']):.2f}")
         if c.get("stempy_fps"):
-            row("counting vs stempy 3.6", f"{med(c['numpy_fps']):,.0f} frames/s",
+            row("counting vs stempy 3.6 (1 core)", f"{med(c['compiled_fps']):,.0f} frames/s",
                 f"stempy {med(c['stempy_fps']):,.0f} frames/s", f"{c['speedup_vs_stempy']:.0f}x")
+        row("kernel compilation", f"{c['compile_seconds']['uncached']:.2f} s once, "
+            f"{c['compile_seconds']['cached']:.2f} s from the cache", "", "")
+    if "count_command" in st:
+        k = st["count_command"]
+        row(f"fourdstream count, {k['frames']:,} frames, {k['cpus']} threads",
+            f"{med(k['ours_seconds']):.2f} s", f"numpy read of the files {med(k['read_seconds']):.2f} s",
+            f"{k['ratio_to_read']:.2f}")
+        if k.get("stempy_seconds"):
+            row("  vs stempy's threaded count", f"{med(k['ours_seconds']):.2f} s",
+                f"stempy {med(k['stempy_seconds']):.2f} s", f"{k['speedup_vs_stempy']:.1f}x")
+        row("  1 vs all threads", f"{med(k['ours_1_thread_seconds']):.2f} s vs "
+            f"{med(k['ours_seconds']):.2f} s", "", f"{k['threads_speedup']:.2f}x")
         if c.get("cupy_fps"):
             row("counting, cupy (GPU)", f"{med(c['cupy_fps']):,.0f} frames/s", "", "")
     if "transport" in st:
@@ -442,6 +608,9 @@ def table(record: dict) -> str:
                 f"(+ stempy view {med(r['stempy_view_seconds']):.2f} s)",
                 f"raw write {med(w['raw_write_gbps']):.2f} GB/s (fsync "
                 f"{med(w['raw_write_fsync_gbps']):.2f})", f"{r['ratio']:.2f}")
+            row(f"  events to slabs + write vs interleaved, {n} rank(s)",
+                f"{med(r['slabs_seconds']):.3f} s vs {med(r['interleaved_seconds']):.3f} s", "",
+                f"{med(r['interleaved_seconds']) / med(r['slabs_seconds']):.2f}")
     if "end_to_end" in st:
         e = st["end_to_end"]
         row(f"end to end, {e['ranks']} ranks, {e['scan']}", f"{med(e['full_fps']):,.0f} frames/s",
@@ -450,8 +619,15 @@ def table(record: dict) -> str:
         row("latency: last frame sent -> file closed", f"{med(e['latency_seconds']):.2f} s", "", "")
     if "scaling" in st:
         for n, r in st["scaling"]["ranks"].items():
-            row(f"scaling, {n} rank(s)", f"{med(r['full_fps']):,.0f} frames/s end to end",
+            row(f"scaling, {n} rank(s)", f"{med(r['full_fps']):,.0f} frames/s end to end, every "
+                f"rank busy {med(r['rank_concurrency']):.0%}",
                 f"counting alone {med(r['counting_alone_fps']):,.0f} frames/s", "")
+    if "scale" in st:
+        c = st["scale"]
+        row(f"scale: {c['scan']} into {c['ranks']} ranks", f"{c['fps']:,.0f} frames/s "
+            f"({c['gbps']:.2f} GB/s), {c['seconds']:.0f} s, {c['missing']:,} missing, "
+            f"{c['incomplete']:,} incomplete", f"peak {max(c['peak_rss_mb']):.0f} MB/rank "
+            f"(bound {c['memory_bound_mb']:.0f})", f"busy {c['rank_concurrency']:.0%}")
     widths = [max(len(r[i]) for r in rows + [("stage", "rate (median)", "ceiling (median)", "ratio")])
               for i in range(4)]
     lines = [f"{'stage':<{widths[0]}}  {'rate (median)':<{widths[1]}}  {'ceiling (median)':<{widths[2]}}  ratio"]
@@ -465,7 +641,11 @@ def table(record: dict) -> str:
                      f"{sz['cores_per_node']} cores/node:")
         for stage, s in sz["stages"].items():
             lines.append(f"  {stage:<11} {s['frames_per_s_per_core']:>8,.0f} frames/s/core -> "
-                         f"{s['ranks']:,} ranks, {s['nodes']} node(s)")
+                         f"{s['ranks']:,} ranks, {s['nodes']} node(s)"
+                         + (f"  (from {sz['end_to_end_basis']})" if stage == "end_to_end" else ""))
+        if "end_to_end" not in sz["stages"] and "scaling" in st:
+            lines.append(f"  end to end: not sized, no run of several ranks had every rank busy "
+                         f">= {CONCURRENT:.0%} of the scan")
         lines.append(f"  bottleneck: {sz['bottleneck']}")
     return "\n".join(lines)
 
@@ -532,7 +712,8 @@ def plot(record: dict, path) -> bool:
         ax1.legend()
     bars = []
     if "counting" in st:
-        bars += [("count numpy", st["counting"]["numpy_fps"]["median"]),
+        bars += [("count compiled", st["counting"]["compiled_fps"]["median"]),
+                 ("count numpy", st["counting"]["numpy_fps"]["median"]),
                  ("memory pass", st["counting"]["memory_pass_fps"]["median"])]
         if st["counting"].get("stempy_fps"):
             bars.append(("stempy", st["counting"]["stempy_fps"]["median"]))
@@ -568,34 +749,95 @@ def _raw_push(url: str, n: str) -> None:
 
 
 def _write_worker(path: str, events: str, repeats: str) -> None:
+    """Write a scan whose frames sit on the ranks that counted them (the routing rule), two ways:
+
+    * ``slabs`` (what the writer does): events moved to contiguous slab owners
+      (``Alltoallv``), each rank writes one hyperslab per dataset;
+    * ``interleaved`` (the alternative): no move; each rank selects the union of
+      its chunks' hyperslabs and all write collectively in place.
+    """
     from mpi4py import MPI
 
     from .detector import ScanGeometry
-    from .route import slab_bounds
+    from .route import owner
     from .sparse import CountedFrames
     from .writer import write_counted_scan
 
     comm = MPI.COMM_WORLD
     total, per_frame = int(events), 100
     n_frames = total // per_frame
-    g = ScanGeometry(max(int(np.sqrt(n_frames)), 1), max(n_frames // max(int(np.sqrt(n_frames)), 1), 1))
-    lo, hi = slab_bounds(g.n_positions, comm.size)[comm.rank:comm.rank + 2]
-    n = hi - lo
+    side = max(int(np.sqrt(n_frames)), 1)
+    g = ScanGeometry(side, max(n_frames // side, 1))
+    mine = np.flatnonzero(owner(np.arange(g.n_positions), comm.size) == comm.rank)
+    n = len(mine)
     rng = np.random.default_rng(comm.rank)
     counted = CountedFrames(rng.integers(0, FRAME_PIXELS, n * per_frame).astype(np.uint32),
-                            np.arange(n + 1, dtype=np.int64) * per_frame,
-                            np.arange(lo, hi, dtype=np.uint32), np.arange(lo, hi),
-                            np.full(n, 0b1111, np.uint8))
+                            np.arange(n + 1, dtype=np.int64) * per_frame, mine.astype(np.uint32),
+                            mine, np.full(n, 0b1111, np.uint8))
     runs = []
     for _ in range(int(repeats)):
         comm.Barrier()
         rep = write_counted_scan(path, counted, g, electron_counting={}, provenance={}, comm=comm,
                                  overwrite=True)
+        comm.Barrier()
+        interleaved = _write_interleaved(path + ".interleaved", counted, g, comm)
         runs.append({"collective": rep.seconds_collective, "stempy_view": rep.seconds_stempy_view,
-                     "total": rep.seconds_total})
+                     "total": rep.seconds_total,
+                     "slabs": rep.seconds_redistribute + rep.seconds_collective,
+                     "interleaved": interleaved})
     if comm.rank == 0:
         Path(path).unlink()
+        Path(path + ".interleaved").unlink()
         print(json.dumps({"runs": runs, "parallel": rep.parallel, "events": rep.n_events}))
+
+
+def _write_interleaved(path: str, counted, geometry, comm) -> float:
+    """The ``interleaved`` strategy of :func:`_write_worker`; seconds, file creation excluded."""
+    import h5py
+    from h5py import h5fd, h5p, h5s
+    from mpi4py import MPI
+
+    from .io import GROUP
+    from .writer import _create_file
+
+    counted = counted.sorted()
+    per_slot = np.zeros(geometry.n_positions, np.int64)
+    per_slot[counted.position] = counted.counts()
+    t0 = time.perf_counter()
+    comm.Allreduce(MPI.IN_PLACE, per_slot, op=MPI.SUM)      # every slot's size, on every rank
+    offsets = np.concatenate([[0], np.cumsum(per_slot)]).astype(np.uint64)
+    sizes = time.perf_counter() - t0
+    if comm.rank == 0:
+        _create_file(Path(path), int(offsets[-1]), geometry.n_positions)
+    comm.Barrier()
+    t1 = time.perf_counter()
+    dxpl = h5p.create(h5p.DATASET_XFER)
+    dxpl.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
+    p = counted.position
+    cut = np.flatnonzero(np.diff(p) != 1) + 1
+    starts, stops = np.r_[p[:1], p[cut]], np.r_[p[cut - 1] + 1, p[-1:] + 1]   # runs of positions
+
+    def write(dset, data, first, counts):
+        fspace = dset.id.get_space()
+        fspace.select_none()
+        for a, c in zip(first, counts):
+            if c:
+                fspace.select_hyperslab((int(a),), (int(c),), op=h5s.SELECT_OR)
+        data = np.ascontiguousarray(data, dset.dtype)
+        mspace = h5s.create_simple((max(len(data), 1),))
+        if not len(data):
+            mspace.select_none()
+            data = np.zeros(1, dset.dtype)
+        dset.id.write(mspace, fspace, data, dxpl=dxpl)
+
+    with h5py.File(path, "r+", driver="mpio", comm=comm) as f:
+        g = f[GROUP]
+        write(g["events"], counted.events, offsets[starts], offsets[stops] - offsets[starts])
+        write(g["offsets"], offsets[p], starts, stops - starts)
+        write(g["frame_number"], counted.frame_number, starts, stops - starts)
+        write(g["position"], p.astype(np.uint64), starts, stops - starts)
+        write(g["sector_mask"], counted.mask, starts, stops - starts)
+    return sizes + time.perf_counter() - t1
 
 
 def _count_worker(frames: str, repeats: str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from scipy.optimize import least_squares
 
 from .counting import Thresholds
 
@@ -166,6 +165,8 @@ def calibrate(samples, *, number_of_samples: int, seed: int,
 
 def _fit_gaussian(x, counts, mean, std, frames_label):
     """Levenberg-Marquardt fit of a Gaussian to a histogram; returns (mu, |sigma|)."""
+    from scipy.optimize import least_squares   # only calibration needs scipy (slow to import)
+
     def residual(p):
         a, mu, s = p
         return a * np.exp(-0.5 * ((x - mu) / s) ** 2) - counts

@@ -108,8 +108,10 @@ counting_options = _option_group(
                      help="Gain map (values are divided by it): .npy or FILE.h5[:/dataset]."),
         click.option("--row-dark", type=click.Choice(["mean", "median"]), default=None,
                      help="Apply row-dark correction (half-row mean or median)."),
-        click.option("--backend", type=click.Choice(["auto", "cpu", "gpu"]), default="auto",
-                     show_default=True, help="Array backend: numpy (cpu) or CuPy (gpu)."),
+        click.option("--backend", type=click.Choice(["auto", "cpu", "numpy", "gpu"]), default="auto",
+                     show_default=True,
+                     help="Counting kernel: cpu = compiled (numba), gpu = CuPy, numpy = the "
+                          "array-module reference; auto = gpu if a CUDA device answers, else cpu."),
         click.option("--batch-size", type=int, default=32, show_default=True,
                      help="Frames counted per batch."),
 )
@@ -186,8 +188,11 @@ def simulate(outdir, scan, dose, seed, frames_per_position, flyback, pattern, sc
 @click.option("--flyback/--no-flyback", default=True, show_default=True,
               help="The last column of each row is the flyback column (kept, labelled).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--threads", type=int, default=None,
+              help="Counting threads per process. Default: the cores available to it, shared "
+                   "among the ranks on its node.")
 @counting_options
-def count(raw, output, file_version, flyback, overwrite, **kw):
+def count(raw, output, file_version, flyback, overwrite, threads, **kw):
     """Count electrons in a raw scan (files or folders of .data files) into one HDF5 file.
 
     Runs on one process or on all ranks of an MPI job (mpiexec -n N fourdstream
@@ -199,6 +204,7 @@ def count(raw, output, file_version, flyback, overwrite, **kw):
     from mpi4py import MPI
 
     from .collective import agree, on_root
+    from .launch import cores_per_rank
     from .offline import count_raw_scan
     from .pipeline import ScanCounting
     from .progress import Progress
@@ -222,9 +228,11 @@ def count(raw, output, file_version, flyback, overwrite, **kw):
     counting, scan = agree(comm, set_up)   # a bad input is one error, not one per rank
     options = counting.options
     progress = Progress(len(scan), "frames", enabled=comm.rank == 0)
-    result = count_raw_scan(scan, counting, progress=lambda n: progress(n * comm.size))
+    threads = threads or cores_per_rank(comm)
+    result = count_raw_scan(scan, counting, threads=threads,
+                            progress=lambda n: progress(n * comm.size))
     progress.close()
-    provenance = offline_provenance(result, options, comm)
+    provenance = offline_provenance(result, options, comm, threads)
     report = write_counted_scan(out, result.counted, scan.geometry,
                                 electron_counting=result.calibration.as_dict(),
                                 provenance=provenance, comm=comm, overwrite=overwrite)
@@ -232,7 +240,7 @@ def count(raw, output, file_version, flyback, overwrite, **kw):
         _print_count_summary(result, report, provenance, time.perf_counter() - t0)
 
 
-def offline_provenance(result, options, comm) -> dict:
+def offline_provenance(result, options, comm, threads: int = 1) -> dict:
     """``/metadata/fourdstream`` of a file counted from raw files."""
     from .pipeline import counting_provenance, frame_accounting
 
@@ -243,7 +251,7 @@ def offline_provenance(result, options, comm) -> dict:
         **frame_accounting(result.scan.geometry.n_frames, s["frames_complete"],
                            s["frames_incomplete"]),
         duplicate_sectors=s["duplicate_sectors"], bad_records=s["bad_records"],
-        ranks=comm.size,
+        ranks=comm.size, threads_per_rank=threads,
         timings={k: comm.allreduce(v, op=_max()) for k, v in result.timings.items()})
 
 
@@ -267,7 +275,8 @@ def _print_count_summary(result, report, provenance: dict, seconds: float) -> No
                       f"{cal.x_ray_threshold:.1f} ADU ({how})",
         "bad records": f"{provenance['bad_records']} (+{provenance['duplicate_sectors']} "
                        f"duplicate sectors)",
-        "ranks": f"{provenance['ranks']} ({result.backend})",
+        "ranks": f"{provenance['ranks']} x {provenance['threads_per_rank']} counting thread(s), "
+                 f"{result.backend}",
         "time": f"{seconds:.2f} s: counting {n / max(count_s, 1e-9):,.0f} frames/s, write "
                 f"{report.seconds_collective:.2f} s "
                 f"({'parallel HDF5' if report.parallel else 'serial h5py, rank by rank'}), "
@@ -394,9 +403,13 @@ def _report_sender_totals(label: str, totals: dict, gone: str | None) -> None:
 @click.option("--scan-number", type=int, default=1, show_default=True, help="Simulation: first scan number.")
 @click.option("--rate", type=float, default=0.0, show_default=True,
               help="Frames/s per thread (0: as fast as possible).")
+@click.option("--start-at", type=float, default=None,
+              help="Unix time at which to start sending the first scan (after announcing it), so "
+                   "that the senders of all modules start together. Default: at once.")
 @sender_endpoint_options
 def send(module, threads, scan, replay, dose, seed, frames_per_position, flyback, pattern, pool_frames,
-         scans, scan_number, rate, endpoints_file, connect, listen, ranks, hwm, send_timeout, chunk):
+         scans, scan_number, rate, start_at, endpoints_file, connect, listen, ranks, hwm, send_timeout,
+         chunk):
     """Stream one module's sectors to the receiver ranks (one DAQ server's job).
 
     Every sector goes, as a 2-part NCEM message (msgpack header + 165,888-byte
@@ -433,7 +446,7 @@ def send(module, threads, scan, replay, dose, seed, frames_per_position, flyback
         router = Router(sockets, sender=f"{module}.{t}", chunk=chunk or announced or DEFAULT_CHUNK,
                         send_timeout=send_timeout)
         try:
-            results[t] = stream(source, router, module, rate=rate, thread=t)
+            results[t] = stream(source, router, module, rate=rate, thread=t, start_at=start_at)
         except ReceiversGone as exc:
             results[t], gone[t] = exc.totals, str(exc)
         finally:
@@ -481,8 +494,9 @@ receiver_endpoint_options = _option_group(
 @click.option("--hwm", type=int, default=100, show_default=True,
               help="Messages queued per module socket before senders are held back "
                    "(0.17 MB each, 4 sockets per rank).")
-@click.option("--threads", type=int, default=1, show_default=True,
-              help="Counting threads per rank.")
+@click.option("--threads", type=int, default=None,
+              help="Counting threads per rank. Default: the cores available to the rank, shared "
+                   "among the ranks on its node.")
 @click.option("--chunk", type=int, default=DEFAULT_CHUNK, show_default=True,
               help="Routing: positions per chunk dealt round-robin to the ranks (announced to "
                    "senders in --endpoints-file).")
@@ -518,6 +532,7 @@ def receive(output, listen, connect, endpoints_file, advertise, senders, timeout
     from mpi4py import MPI
 
     from .collective import agree
+    from .launch import cores_per_rank
     from .receive import Receiver, ReceiverOptions
     from .route import check_chunk
     from .transport import rank_sockets
@@ -537,7 +552,8 @@ def receive(output, listen, connect, endpoints_file, advertise, senders, timeout
                            hwm=hwm, chunk=check_chunk(chunk))
     receiver = agree(comm, lambda: Receiver(comm, sockets, options, ReceiverOptions(
         output=output, senders=senders, timeout=timeout, window=window, scans=scans,
-        overwrite=overwrite, threads=threads, hwm=hwm), log=lambda m: click.echo(m, err=False)))
+        overwrite=overwrite, threads=threads or cores_per_rank(comm), hwm=hwm),
+        log=lambda m: click.echo(m, err=False)))
     if comm.rank == 0:
         click.echo(f"receiving on {comm.size} rank(s), {receiver.template.backend}; "
                    f"files -> {output}")
@@ -652,7 +668,7 @@ def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
         "throughput": f"{s['frames'] / max(s['seconds'], 1e-9):,.0f} frames/s "
                       f"(first sector sent -> file closed, {s['seconds']:.2f} s)",
         "latency": f"{s['latency']:.2f} s from the last frame sent to the file closed",
-        "ranks": f"all {ranks} receiving {s['rank_concurrency']:.0%} of the scan's duration",
+        "ranks": f"all {ranks} busy {s['rank_concurrency']:.0%} of the scan's duration",
         "memory": f"peak {', '.join(f'{m:.0f}' for m in s['peak_rss_mb'])} MB per rank "
                   f"(bound {s['memory_bound_mb']:.0f} MB, see receive --help)",
     })
@@ -671,7 +687,8 @@ def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="PNG of the scaling and per-stage rates (default: next to --json).")
 @click.option("--stages", default="counting,transport,write,end_to_end,scaling", show_default=True,
-              help="Comma-separated stages to run.")
+              help="Comma-separated stages to run; add 'scale' for the production-size run "
+                   "(512x512 into 4 ranks, minutes).")
 @click.option("--repeats", type=int, default=None, help="Repeats per figure (after one warm-up).")
 @click.option("--cores-per-node", type=int, default=128, show_default=True,
               help="For the sizing: cores per node (128 on a Perlmutter CPU node).")

@@ -115,14 +115,19 @@ class ElectronCounter:
             v = flat.astype(xp.int32) - self._dark
         return xp.maximum(v, 0).reshape(frames.shape)
 
+    def row_dark_scale(self, frames):
+        """Row-dark factors ``mu / S`` of each half-row: (n, 576, 2) float32."""
+        xp = self.xp
+        halves = frames.astype(xp.float32).reshape(len(frames), FRAME_ROWS, 2, FRAME_COLS // 2)
+        stat = xp.median(halves, axis=3) if self.row_dark == "median" else halves.mean(axis=3)
+        return xp.float32(self.optimized_mean) / xp.maximum(stat, 1e-6)
+
     def _row_dark_values(self, frames):
         xp = self.xp
         n = len(frames)
-        raw = frames.astype(xp.float32)
-        halves = raw.reshape(n, FRAME_ROWS, 2, FRAME_COLS // 2)
-        stat = xp.median(halves, axis=3) if self.row_dark == "median" else halves.mean(axis=3)
+        halves = frames.astype(xp.float32).reshape(n, FRAME_ROWS, 2, FRAME_COLS // 2)
         dark = self._dark.astype(xp.float32).reshape(1, FRAME_ROWS, 2, FRAME_COLS // 2)
-        v = (halves - dark) * (xp.float32(self.optimized_mean) / xp.maximum(stat, 1e-6))[..., None]
+        v = (halves - dark) * self.row_dark_scale(frames)[..., None]
         v = v.reshape(n, FRAME_PIXELS)
         if self.has_gain:
             v = v * self._gain_inv

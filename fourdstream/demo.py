@@ -21,6 +21,10 @@ from .launch import mpi_environment, mpiexec_command, python_argv
 from .transport import read_endpoints
 
 
+#: Seconds the senders get to start (imports, simulated frames) before the scan begins.
+SENDER_START_SECONDS = 4.0
+
+
 class DemoError(RuntimeError):
     """A process of the demo failed; the message says which and how."""
 
@@ -48,12 +52,13 @@ def run_demo(output: str, *, scan: str = "64x64", ranks: int = 2, dose: float = 
     try:
         _wait_for_endpoints(endpoints, receiver)
         t0 = time.time()
+        start_at = t0 + SENDER_START_SECONDS   # all modules start together, as on a trigger
         for m in range(4):
             senders.append(subprocess.Popen(python_argv(
                 "fourdstream", "send", "--module", str(m), "--simulate", scan, "--dose", str(dose),
                 "--seed", str(seed), "--pool-frames", str(pool_frames), "--rate", str(rate),
-                "--endpoints-file", str(endpoints)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True))
+                "--start-at", str(start_at), "--endpoints-file", str(endpoints)),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         for m, p in enumerate(senders):
             text, _ = p.communicate(timeout=timeout)
             echo(f"[sender {m}] {text.strip()}")

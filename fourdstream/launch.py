@@ -28,6 +28,18 @@ def mpiexec_command(n: int, argv: list[str]) -> list[str]:
     return [exe, "-n", str(n), *argv]
 
 
+def cores_per_rank(comm) -> int:
+    """This rank's share of the cores it may run on: the cores of its affinity mask
+    divided by the ranks of the job on the same node (at least 1)."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return max(len(os.sched_getaffinity(0)) // node.size, 1)
+    finally:
+        node.Free()
+
+
 def python_argv(module: str, *args: str) -> list[str]:
     """``python -m module args...`` with this interpreter."""
     return [sys.executable, "-m", module, *args]

@@ -4,14 +4,19 @@ Every rank indexes the scan's headers (cheap: one page per record), takes the
 frames of the positions it owns under the routing rule that streaming uses
 (:func:`fourdstream.route.owner`: chunks of positions dealt round-robin), reads
 the sample frames it holds for the joint threshold calibration, and counts its
-frames in batches. The writer then moves the counted events to the rank that
-writes their slab of the file.
+frames in batches with ``threads`` threads, each reading and counting its own
+batch (file reads and the kernels release the GIL, so reading is parallel too),
+at most ``threads + 1`` batches in memory.
+The writer then moves the counted events to the rank that writes their slab of
+the file.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -34,10 +39,11 @@ class OfflineResult:
 
 
 def count_raw_scan(scan: RawScan, counting: ScanCounting, *, chunk: int = DEFAULT_CHUNK,
-                   progress=None) -> OfflineResult:
+                   threads: int = 1, progress=None) -> OfflineResult:
     """Count the indexed raw ``scan``; collective over ``counting.comm`` when it has one.
 
-    ``chunk``: positions per routing chunk (:func:`fourdstream.route.owner`).
+    ``chunk``: positions per routing chunk (:func:`fourdstream.route.owner`);
+    ``threads``: counting threads of this process.
     ``progress(n)`` is called after each batch of ``n`` frames this rank counted.
     """
     t0 = time.perf_counter()
@@ -53,11 +59,26 @@ def count_raw_scan(scan: RawScan, counting: ScanCounting, *, chunk: int = DEFAUL
         counting.calibrate({int(fn): (weight_of[int(fn)], frame)
                             for fn, frame in zip(batch.frame_number, batch.frames)})
     t2 = time.perf_counter()
-    parts = []
-    for batch in scan.batches(counting.options.batch_size, mine):
-        parts.append(counting.count(batch.frames, batch.frame_number, batch.position, batch.mask))
+    parts, in_flight = [], collections.deque()
+
+    def collect():
+        part = in_flight.popleft().result()
+        parts.append(part)
         if progress is not None:
-            progress(len(batch))
+            progress(len(part))
+
+    def read_and_count(index):
+        batch = scan.read(index)
+        return counting.count(batch.frames, batch.frame_number, batch.position, batch.mask)
+
+    size = counting.options.batch_size
+    with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="fourdstream-count") as pool:
+        for start in range(0, len(mine), size):
+            in_flight.append(pool.submit(read_and_count, mine[start:start + size]))
+            if len(in_flight) > threads:
+                collect()
+        while in_flight:
+            collect()
     t3 = time.perf_counter()
     return OfflineResult(CountedFrames.concatenate(parts), counting.calibration, scan,
                          counting.backend, {"setup": t1 - t0, "calibrate": t2 - t1, "count": t3 - t2})

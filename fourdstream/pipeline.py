@@ -100,7 +100,8 @@ class ScanCounting:
 
     def __init__(self, options: CountingOptions, comm=None):
         self.options, self.comm = options, comm
-        self.xp, self.backend = backend.select(options.backend)
+        chosen = backend.select(options.backend)
+        self.xp, self.counter_class, self.backend = chosen.xp, chosen.counter, chosen.description
         self.dark = load_reference(options.dark, "dark") if options.dark else None
         self.gain = load_reference(options.gain, "gain") if options.gain else None
         self.calibration: Calibration | None = fixed_calibration(options) if options.fixed else None
@@ -113,9 +114,9 @@ class ScanCounting:
         other._counter = None
         return other
 
-    def _make_counter(self, thresholds=None, xp=np) -> ElectronCounter:
-        return ElectronCounter(thresholds, self.dark, self.gain, row_dark=self.options.row_dark,
-                               xp=xp)
+    def _make_counter(self, thresholds=None) -> ElectronCounter:
+        return self.counter_class(thresholds, self.dark, self.gain, row_dark=self.options.row_dark,
+                                  xp=self.xp)
 
     def plan_samples(self, frame_numbers, masks):
         """Sample plan ``(frame_numbers, weights)`` from the scan's frame table."""
@@ -129,7 +130,7 @@ class ScanCounting:
         ``frames`` maps each planned sample frame number held by this rank to
         ``(weight, frame (576, 576) uint16)``. Returns the calibration (also kept).
         """
-        values = self._make_counter().values
+        values = ElectronCounter(None, self.dark, self.gain, row_dark=self.options.row_dark).values
         samples = [(fn, w, values(f[None])[0]) for fn, (w, f) in sorted(frames.items())]
         self.calibration = calibrate(samples, number_of_samples=self.options.samples,
                                      seed=self.options.seed,
@@ -142,7 +143,7 @@ class ScanCounting:
         if self.calibration is None:
             raise RuntimeError("thresholds are not known yet: calibrate() first")
         if self._counter is None:
-            self._counter = self._make_counter(self.calibration.thresholds, self.xp)
+            self._counter = self._make_counter(self.calibration.thresholds)
         events, offsets = self._counter.count(self.xp.asarray(frames))
         return CountedFrames(backend.to_numpy(events), backend.to_numpy(offsets),
                              np.asarray(frame_number, np.uint32), np.asarray(position, np.int64),

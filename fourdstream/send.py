@@ -260,10 +260,12 @@ class ReplaySource:
 
 
 def stream(source, router: Router, module: int, *, rate: float = 0.0, thread: int = 0,
-           progress=None) -> dict:
+           start_at: float | None = None, progress=None) -> dict:
     """Send every scan of ``source`` through ``router``; returns totals.
 
-    ``rate``: frames/s for this sender (0: as fast as possible). Raises
+    ``rate``: frames/s for this sender (0: as fast as possible). ``start_at``: Unix
+    time at which the first scan's sectors start (after its ``begin``), so that
+    the senders of all modules start together, as on a detector trigger. Raises
     :class:`ReceiversGone` (with the totals so far in its ``totals``) when no rank
     takes a message for the router's ``send_timeout``.
     """
@@ -272,6 +274,9 @@ def stream(source, router: Router, module: int, *, rate: float = 0.0, thread: in
     t0 = time.perf_counter()
     for scan in source.scan_numbers():
         router.begin(scan, g)
+        if start_at is not None:
+            time.sleep(max(start_at - time.time(), 0.0))
+            start_at = None
         start = time.perf_counter()
         for i, s in enumerate(source.sectors(scan)):
             if rate and not router.receivers_gone:

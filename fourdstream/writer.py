@@ -45,7 +45,7 @@ from . import __version__
 from .collective import CollectiveError, agree, on_root
 from .detector import FRAME_COLS, FRAME_ROWS, ScanGeometry
 from .route import slab_bounds, slab_owner
-from .io import GROUP, STEMPY_VERSION, VLEN_CHUNK, events_as_objects
+from .io import GROUP, STEMPY_VERSION, VLEN_CHUNK
 from .sparse import CountedFrames
 
 
@@ -63,6 +63,7 @@ class WriteReport:
     frames_per_position: int
     bytes_events: int
     parallel: bool
+    seconds_redistribute: float
     seconds_collective: float
     seconds_stempy_view: float
     seconds_total: float
@@ -175,6 +176,7 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
     path = Path(path)
     parallel = _parallel_hdf5()
     counted = redistribute(counted, geometry, comm)
+    t_moved = time.perf_counter()
     per_position = np.bincount(counted.position - slab_bounds(geometry.n_positions, comm.size)[comm.rank]) \
         if len(counted) else np.zeros(0, np.int64)
     fpp = max(comm.allreduce(int(per_position.max()) if len(per_position) else 0,
@@ -202,7 +204,7 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
         raise
     t3 = time.perf_counter()
     return WriteReport(str(path), n_events, n_slots, fpp, n_events * 4, parallel,
-                       t2 - t1, t3 - t2, t3 - t0)
+                       t_moved - t0, t2 - t1, t3 - t2, t3 - t0)
 
 
 def _parallel_hdf5() -> bool:
@@ -343,9 +345,7 @@ def _finish(tmp: Path, path: Path, geometry: ScanGeometry, fpp: int, electron_co
         for start in range(0, n_slots, VLEN_CHUNK):
             stop = min(start + VLEN_CHUNK, n_slots)
             off = offsets[start:stop + 1].astype(np.int64)
-            # write_direct: slice assignment turns equal-length pieces into a 2-D array
-            frames.write_direct(events_as_objects(g["events"][off[0]:off[-1]], off),
-                                dest_sel=np.s_[start:stop])
+            _write_vlen(frames, start, g["events"][off[0]:off[-1]], off - off[0])
         meta = f.create_group("metadata")
         _write_attrs(meta.create_group("electron_counting"), electron_counting)
         _write_attrs(meta.create_group("fourdstream"), dict(
@@ -360,6 +360,29 @@ def _finish(tmp: Path, path: Path, geometry: ScanGeometry, fpp: int, electron_co
             raise WriteError(f"{path} appeared while the scan was being written; "
                              f"not replaced") from None
         tmp.unlink()
+
+
+#: HDF5's in-memory variable-length element (``hvl_t``): length, then a pointer to the data.
+_HVL = np.dtype([("len", np.uintp), ("p", np.uintp)])
+
+
+def _write_vlen(dset, start: int, events: np.ndarray, offsets: np.ndarray) -> None:
+    """Write slots ``start ..`` of a vlen uint32 dataset straight from CSR arrays.
+
+    Each element is written as HDF5's ``(length, pointer)`` pair pointing into
+    ``events`` (uint32, kept alive by the caller), so no Python object is built
+    per frame. ``offsets`` (n + 1,) index ``events``.
+    """
+    from h5py import h5s, h5t
+
+    events = np.ascontiguousarray(events, np.uint32)
+    n = len(offsets) - 1
+    pairs = np.empty(n, _HVL)
+    pairs["len"] = np.diff(offsets)
+    pairs["p"] = events.ctypes.data + events.itemsize * offsets[:-1]
+    fspace = dset.id.get_space()
+    fspace.select_hyperslab((start,), (n,))
+    dset.id.write(h5s.create_simple((n,)), fspace, pairs, mtype=h5t.vlen_create(h5t.NATIVE_UINT32))
 
 
 def _write_attrs(group, values: dict) -> None:

@@ -1,14 +1,21 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from fourdstream import backend
+from fourdstream.compiled import CompiledCounter
+from fourdstream.counting import ElectronCounter
 
 
-def test_cpu_is_numpy_and_auto_falls_back_with_a_reason():
-    assert backend.select("cpu")[0] is np
-    xp, description = backend.select("auto")
-    if xp is np:
-        assert "numpy" in description and ";" in description  # says why not the GPU
+def test_cpu_is_the_compiled_kernel_numpy_the_reference_and_auto_says_why():
+    cpu = backend.select("cpu")
+    assert cpu.xp is np and cpu.counter is CompiledCounter
+    assert backend.select("numpy").counter is ElectronCounter
+    auto = backend.select("auto")
+    if auto.xp is np:
+        assert auto.counter is CompiledCounter and ";" in auto.description  # says why not the GPU
 
 
 def test_gpu_without_device_is_a_clear_error():
@@ -27,16 +34,36 @@ def test_unknown_backend():
         backend.select("tpu")
 
 
+def test_numpy_backend_imports_neither_numba_nor_scipy():
+    code = ("import sys; from fourdstream.pipeline import CountingOptions, ScanCounting; "
+            "ScanCounting(CountingOptions(background_threshold=28, xray_threshold=700, backend='numpy')); "
+            "print(sorted(m for m in ('numba', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_cupy_counting_matches_numpy_when_a_gpu_exists():
     cupy = pytest.importorskip("cupy")
     if not cupy.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from fourdstream.counting import ElectronCounter, Thresholds
+    from fourdstream.counting import Thresholds
     from fourdstream.detector import ScanGeometry
     from fourdstream.simulate import Simulator
 
     sim = Simulator(ScanGeometry(4, 2), seed=1)
     frames, _ = sim.frames(0, 8)
-    cpu = ElectronCounter(Thresholds(28, 600), sim.dark).count(frames)
+    cpu = CompiledCounter(Thresholds(28, 600), sim.dark).count(frames)
     gpu = ElectronCounter(Thresholds(28, 600), sim.dark, xp=cupy).count(cupy.asarray(frames))
     assert all(np.array_equal(a, backend.to_numpy(b)) for a, b in zip(cpu, gpu))
+
+
+def test_compiled_kernel_releases_the_gil_and_is_cached_on_disk(tmp_path):
+    from fourdstream import compiled
+
+    assert compiled._count.targetoptions["nogil"] and compiled._value.targetoptions["nogil"]
+    code = ("import numpy as np; from fourdstream.compiled import CompiledCounter; "
+            "from fourdstream.counting import Thresholds; "
+            "CompiledCounter(Thresholds(28, 700)).count(np.zeros((1, 576, 576), np.uint16))")
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    assert list(tmp_path.rglob("*_count*.nbi")) and list(tmp_path.rglob("*_count*.nbc"))

@@ -8,9 +8,9 @@ from click.testing import CliRunner
 from fourdstream import bench
 from fourdstream.cli import main
 
-TINY = bench.Config(repeats=1, count_frames=24, stempy_frames=2, transport_frames=60,
+TINY = bench.Config(repeats=1, count_frames=24, command_frames=64, stempy_frames=2, transport_frames=60,
                     write_events=50_000, write_ranks=(1, 2), stream_scan="6x6",
-                    stream_ranks=2, scaling_ranks=(1, 2))
+                    stream_ranks=2, scaling_ranks=(1, 2), scale_scan="8x8", scale_ranks=2)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +24,19 @@ def _is_stats(x):
 
 def test_every_stage_reports_rates_ceilings_and_ratios(record):
     st = record["stages"]
-    assert set(st) == set(bench.STAGES)
+    assert set(st) == set(bench.DEFAULT_STAGES) == set(bench.STAGES) - {"scale"}
     c = st["counting"]
-    for key in ("numpy_fps", "memory_pass_fps", "threshold_pass_fps", "stempy_fps"):
+    for key in ("compiled_fps", "numpy_fps", "memory_pass_fps", "stempy_fps"):
         assert _is_stats(c[key]), key
-    assert c["ratio_to_memory_pass"] > 0 and c["speedup_vs_stempy"] > 0 and c["backends"][0] == "numpy"
+    assert c["ratio_to_memory_pass"] > 0 and c["speedup_vs_stempy"] > 0 and c["backends"][0] == "compiled"
+    assert set(c["by_dose"]) == {"15", "150", "1500"}
+    for figures in c["by_dose"].values():
+        assert {"plain", "dark", "dark+gain"} <= set(figures) and _is_stats(figures["memory_pass_fps"])
+    assert c["compile_seconds"]["uncached"] > 0 and c["compile_seconds"]["cached"] > 0
+    k = st["count_command"]
+    for key in ("ours_seconds", "ours_1_thread_seconds", "read_seconds", "stempy_seconds"):
+        assert _is_stats(k[key]), key
+    assert k["frames"] == 64 and k["speedup_vs_stempy"] > 0 and k["threads_speedup"] > 0
     t = st["transport"]
     for key in ("raw_pyzmq_fps", "raw_pyzmq_gbps", "fourdstream_fps", "fourdstream_gbps"):
         assert _is_stats(t[key]), key
@@ -37,28 +45,40 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
     assert set(w["ranks"]) == {"1", "2"}
     for r in w["ranks"].values():
         assert _is_stats(r["collective_gbps"]) and _is_stats(r["stempy_view_seconds"]) and r["ratio"] > 0
+        assert _is_stats(r["slabs_seconds"]) and _is_stats(r["interleaved_seconds"])
     e = st["end_to_end"]
     for key in ("full_fps", "transport_fps", "counting_alone_fps", "latency_seconds"):
         assert _is_stats(e[key]), key
     assert e["frames"] == 42 and e["complete"] == 42 and e["ratio"] > 0
     assert set(st["scaling"]["ranks"]) == {"1", "2"}
+    for r in st["scaling"]["ranks"].values():
+        assert _is_stats(r["rank_concurrency"]) and 0 <= r["rank_concurrency"]["min"] <= 1
     assert record["machine"]["cpu_count"] >= 1 and record["versions"]["fourdstream"]
     sz = record["sizing"]
     assert sz["bottleneck"] in sz["stages"] and all(s["ranks"] >= 1 for s in sz["stages"].values())
 
 
+def test_scale_stage_reports_a_whole_scan(tmp_path):
+    out = bench.bench_scale(TINY, tmp_path, log=lambda m: None)
+    assert out["frames"] == out["expected"] == 72 and out["missing"] == 0 and out["incomplete"] == 0
+    assert len(out["peak_rss_mb"]) == 2 and max(out["peak_rss_mb"]) <= out["memory_bound_mb"]
+    assert out["fps"] > 0 and 0 <= out["rank_concurrency"] <= 1
+    assert "scale: 8x8 into 2 ranks" in bench.table({"stages": {"scale": out}, "machine": {
+        "hostname": "h", "cpu_count": 2, "cpu": "c"}, "parameters": {"repeats": 1}})
+
+
 def test_table_plot_and_compare(record, tmp_path):
     text = bench.table(record)
-    for words in ("counting, numpy", "raw pyzmq", "collective write", "end to end", "latency",
-                  "scaling", "bottleneck"):
+    for words in ("counting, compiled", "numpy reference", "fourdstream count", "kernel compilation",
+                  "raw pyzmq", "collective write", "end to end", "latency", "scaling", "bottleneck"):
         assert words in text
     assert bench.plot(record, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 1000
     assert bench.compare(record, record) == []
     worse = json.loads(json.dumps(record))
-    worse["stages"]["counting"]["numpy_fps"]["median"] /= 2
+    worse["stages"]["counting"]["compiled_fps"]["median"] /= 2
     worse["stages"]["end_to_end"]["latency_seconds"]["median"] *= 3
     flagged = bench.compare(record, worse)
-    assert any("counting/numpy_fps" in line for line in flagged)
+    assert any("counting/compiled_fps" in line for line in flagged)
     assert any("latency_seconds" in line for line in flagged)
 
 

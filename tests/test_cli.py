@@ -61,7 +61,7 @@ def test_count_with_fixed_thresholds_matches_the_kernel(small_scan, tmp_path):
 ])
 def test_count_errors_are_one_line_with_exit_code_1(small_scan, tmp_path, args, message):
     folder, _, _ = small_scan
-    if "--backend" in args and backend.select("auto")[0] is not np:
+    if "--backend" in args and backend.select("auto").xp is not np:
         pytest.skip("a GPU is usable here: --backend gpu is no error")
     r = invoke("count", folder, "-o", tmp_path / "x.h5", *args)
     assert r.exit_code == 1 and message in r.output

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from fourdstream.compiled import CompiledCounter
 from fourdstream.counting import ElectronCounter, Thresholds
 from fourdstream.detector import ScanGeometry
 from fourdstream.simulate import DetectorModel, Simulator
@@ -8,6 +9,12 @@ from fourdstream.simulate import DetectorModel, Simulator
 from conftest import stempy_events
 
 BG, XR = 28.0, 600.0
+
+
+@pytest.fixture(params=[ElectronCounter, CompiledCounter], ids=["array-module", "compiled"])
+def Counter(request):
+    """Every test below runs with both kernels: the array-module reference and the compiled one."""
+    return request.param
 
 
 def dense_reference(frames, bg, xr, dark=None, gain=None):
@@ -45,23 +52,23 @@ def frames_by_dose():
 
 @pytest.mark.parametrize("dose", [40, 400])
 @pytest.mark.parametrize("with_dark", [False, True])
-def test_events_equal_stempy(frames_by_dose, dose, with_dark):
+def test_events_equal_stempy(Counter, frames_by_dose, dose, with_dark):
     frames, dark = frames_by_dose[dose]
     dark = dark if with_dark else None
     if dark is not None:
         assert not np.all(dark == np.trunc(dark))  # a real float dark, not integers
     kw = {} if dark is None else {"darkreference": dark}
-    ours = events_per_frame(ElectronCounter(Thresholds(BG - 10 * with_dark, XR), dark), frames)
+    ours = events_per_frame(Counter(Thresholds(BG - 10 * with_dark, XR), dark), frames)
     for i, frame in enumerate(frames):
         ref = stempy_events(frame, background_threshold=BG - 10 * with_dark, xray_threshold=XR, **kw)
         assert np.array_equal(ours[i], ref), f"frame {i}"
     assert sum(map(len, ours)) > 10 * len(frames)
 
 
-def test_events_equal_stempy_with_gain(frames_by_dose):
+def test_events_equal_stempy_with_gain(Counter, frames_by_dose):
     frames, dark = frames_by_dose[400]
     gain = np.random.default_rng(1).uniform(0.8, 1.25, (576, 576)).astype(np.float32)
-    ours = events_per_frame(ElectronCounter(Thresholds(15.5, XR), dark, gain), frames)
+    ours = events_per_frame(Counter(Thresholds(15.5, XR), dark, gain), frames)
     for i, frame in enumerate(frames[:6]):
         ref = stempy_events(frame, darkreference=dark, gain=gain, background_threshold=15.5,
                             xray_threshold=XR)
@@ -99,42 +106,42 @@ def _handmade_cases():
 
 
 @pytest.mark.parametrize("name", list(_handmade_cases()))
-def test_handmade_edge_cases(name):
+def test_handmade_edge_cases(Counter, name):
     frame, expected = _handmade_cases()[name]
-    (ours,) = events_per_frame(ElectronCounter(Thresholds(BG, XR)), frame)
+    (ours,) = events_per_frame(Counter(Thresholds(BG, XR)), frame)
     assert ours.tolist() == expected
     assert stempy_events(frame[0], background_threshold=BG, xray_threshold=XR).tolist() == expected
 
 
-def test_dark_is_truncated_before_subtraction_like_the_reference():
+def test_dark_is_truncated_before_subtraction_like_the_reference(Counter):
     frame = _blank()
     frame[0, 10, 10] = 40
     frame[0, 10, 11] = 40
     dark = np.zeros((576, 576), np.float32)
     dark[10, 10], dark[10, 11] = 0.3, 0.6   # float subtraction would break the tie
-    (ours,) = events_per_frame(ElectronCounter(Thresholds(5, XR), dark), frame)
+    (ours,) = events_per_frame(Counter(Thresholds(5, XR), dark), frame)
     assert ours.tolist() == []
     assert stempy_events(frame[0], darkreference=dark, background_threshold=5,
                          xray_threshold=XR).tolist() == []
 
 
 @pytest.mark.parametrize("use_gain", [False, True])
-def test_random_frames_match_dense_reference(use_gain):
+def test_random_frames_match_dense_reference(Counter, use_gain):
     rng = np.random.default_rng(7)
     frames = rng.poisson(20, (5, 576, 576)).astype(np.uint16)
     frames[:, ::37, ::41] += rng.integers(0, 300, frames[:, ::37, ::41].shape).astype(np.uint16)
     dark = rng.uniform(0, 25, (576, 576)).astype(np.float32)
     gain = rng.uniform(0.5, 2, (576, 576)).astype(np.float32) if use_gain else None
-    counter = ElectronCounter(Thresholds(3.5, 250.0), dark, gain, chunk=2)
+    counter = Counter(Thresholds(3.5, 250.0), dark, gain, chunk=2)
     for ours, ref in zip(events_per_frame(counter, frames), dense_reference(frames, 3.5, 250.0, dark, gain)):
         assert np.array_equal(ours, ref)
 
 
-def test_row_dark_matches_its_definition():
+def test_row_dark_matches_its_definition(Counter):
     rng = np.random.default_rng(8)
     frames = rng.poisson(30, (2, 576, 576)).astype(np.uint16)
     frames[:, 100:110, :288] += 15  # a bright half-row band, removed by the correction
-    counter = ElectronCounter(Thresholds(25.0, 500.0), row_dark="mean", optimized_mean=20.0)
+    counter = Counter(Thresholds(25.0, 500.0), row_dark="mean", optimized_mean=20.0)
     halves = frames.astype(np.float32).reshape(2, 576, 2, 288)
     expected_values = (halves * (np.float32(20.0) / halves.mean(axis=3))[..., None]).reshape(2, 576, 576)
     assert np.allclose(counter.values(frames), expected_values, rtol=1e-6)
@@ -149,21 +156,21 @@ def test_row_dark_matches_its_definition():
         assert np.array_equal(ours, np.flatnonzero(ref))
 
 
-def test_batching_and_chunking_do_not_change_results(frames_by_dose):
+def test_batching_and_chunking_do_not_change_results(Counter, frames_by_dose):
     frames, dark = frames_by_dose[400]
-    whole = events_per_frame(ElectronCounter(Thresholds(BG, XR), dark, chunk=5), frames)
-    single = [events_per_frame(ElectronCounter(Thresholds(BG, XR), dark), f[None])[0] for f in frames]
+    whole = events_per_frame(Counter(Thresholds(BG, XR), dark, chunk=5), frames)
+    single = [events_per_frame(Counter(Thresholds(BG, XR), dark), f[None])[0] for f in frames]
     assert all(np.array_equal(a, b) for a, b in zip(whole, single))
-    events, offsets = ElectronCounter(Thresholds(BG, XR)).count(frames[:0])
+    events, offsets = Counter(Thresholds(BG, XR)).count(frames[:0])
     assert len(events) == 0 and offsets.tolist() == [0]
 
 
-def test_accuracy_against_ground_truth(capsys):
+def test_accuracy_against_ground_truth(Counter, capsys):
     """Recall and precision of counting (within 1 px) on simulated electrons."""
     model = DetectorModel(xray_probability=0)
     sim = Simulator(ScanGeometry(20, 1), dose=150, seed=9, model=model)
     frames, truth = sim.frames(0, 20)
-    per_frame = events_per_frame(ElectronCounter(Thresholds(28.0, 2000.0), sim.dark), frames)
+    per_frame = events_per_frame(Counter(Thresholds(28.0, 2000.0), sim.dark), frames)
     found = matched_events = n_events = 0
     for i, events in enumerate(per_frame):
         t = np.stack(np.divmod(truth.frame(i).astype(int), 576), axis=1)
@@ -178,10 +185,33 @@ def test_accuracy_against_ground_truth(capsys):
     assert recall > 0.85 and precision > 0.9
 
 
-def test_thresholds_are_validated():
+def test_thresholds_are_validated(Counter):
     with pytest.raises(ValueError, match="exceed"):
         Thresholds(100, 50)
     with pytest.raises(ValueError, match="finite"):
         Thresholds(float("nan"), 50)
     with pytest.raises(ValueError, match="no thresholds"):
-        ElectronCounter().count(_blank())
+        Counter().count(_blank())
+
+
+@pytest.mark.parametrize("dose", [15, 150, 1500])
+@pytest.mark.parametrize("dark,gain,row_dark", [(False, False, None), (True, False, None),
+                                                (True, True, None), (True, False, "mean"),
+                                                (False, True, "median")])
+def test_compiled_kernel_equals_the_array_module_kernel_and_stempy(dose, dark, gain, row_dark):
+    sim = Simulator(ScanGeometry(8, 1), dose=dose, seed=dose, pattern="disc")
+    frames = sim.frames(0, 8)[0]
+    d = sim.dark if dark else None
+    g = np.random.default_rng(dose).uniform(0.8, 1.25, (576, 576)).astype(np.float32) if gain else None
+    thresholds = Thresholds(21.7, 640.3)        # not representable in float32: exercises rounding
+    reference = ElectronCounter(thresholds, d, g, row_dark=row_dark).count(frames)
+    compiled = CompiledCounter(thresholds, d, g, row_dark=row_dark).count(frames)
+    assert np.array_equal(reference[0], compiled[0]) and np.array_equal(reference[1], compiled[1])
+    assert len(compiled[0]) > 2 * len(frames)
+    if row_dark is None:                         # stempy's electron_count_frame has no row dark
+        kw = {"darkreference": d} if dark else {}
+        kw.update({"gain": g} if gain else {})
+        per_frame = events_per_frame(CompiledCounter(thresholds, d, g), frames)
+        for i in (0, 7):
+            assert np.array_equal(per_frame[i], stempy_events(
+                frames[i], background_threshold=21.7, xray_threshold=640.3, **kw)), i

@@ -192,7 +192,17 @@ def test_coordinator_calibrates_from_the_first_complete_frames_once_settled(comm
 
 
 def test_rank_concurrency_by_hand():
-    assert rank_concurrency([{10: 5, 11: 2, 12: 1}]) == 1.0
-    assert rank_concurrency([{10: 5, 11: 2, 12: 1, 13: 1}, {10: 1, 13: 4}]) == 0.5
-    assert rank_concurrency([{0: 1, 1: 1}, {}]) == 0.0
-    assert rank_concurrency([{}, {}]) == 0.0
+    assert rank_concurrency([{10, 11, 12}]) == 1.0
+    assert rank_concurrency([{10, 11, 12, 13}, {10, 13}]) == 0.5
+    assert rank_concurrency([{0, 1}, {5}]) == 0.0            # one after the other
+    assert rank_concurrency([set(), set()]) == 0.0
+
+
+def test_a_share_is_busy_while_it_holds_frames():
+    g = ScanGeometry(2, 1)
+    share = Ingest([], FramePool(4), lambda: None).share(1, g)
+    share.note_busy(100.0, 100.25)
+    assert share.busy == set()                               # nothing held
+    share.add(1, 0, 0, np.zeros(82944, np.uint16).tobytes())
+    share.note_busy(100.0, 100.25)                           # a step of 0.25 s: 3 bins
+    assert share.busy == {1000, 1001, 1002}

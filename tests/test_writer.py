@@ -105,12 +105,14 @@ def test_counted_file_opens_in_stempy_with_the_right_shape(raw_scans, tmp_path, 
     assert meta["flyback"] == flyback and meta["frames_expected"] == len(frames)
 
 
-def test_count_gives_identical_files_on_1_to_4_ranks(raw_scans, tmp_path):
+def test_count_gives_identical_files_on_1_to_4_ranks_and_threads(raw_scans, tmp_path):
     folder, _, frames = raw_scans[2, True]
     files = {}
-    for n in (1, 2, 3, 4):
+    threads = {1: 1, 2: 2, 3: 1, 4: 3, "1x4": 4}
+    for n, t in threads.items():
         files[n] = tmp_path / f"c{n}.h5"
-        proc = run_count(n, folder, files[n], "--samples", 100, "--sample-frames", 8, "--seed", 4)
+        proc = run_count(int(str(n)[0]), folder, files[n], "--samples", 100, "--sample-frames", 8,
+                         "--seed", 4, "--threads", t, "--batch-size", 3)
         assert proc.returncode == 0, proc.stderr
     one = open_counted(files[1])
     ec = one.metadata["electron_counting"]
@@ -119,9 +121,10 @@ def test_count_gives_identical_files_on_1_to_4_ranks(raw_scans, tmp_path):
     events, offsets = ElectronCounter(Thresholds(ec["background_threshold"],
                                                  ec["x_ray_threshold"])).count(frames)
     assert np.array_equal(one.events, events) and np.array_equal(one.offsets, offsets)
-    for n in (2, 3, 4):
+    for n in (2, 3, 4, "1x4"):
         other = open_counted(files[n])
-        assert other.metadata["fourdstream"]["ranks"] == n
+        assert other.metadata["fourdstream"]["ranks"] == int(str(n)[0])
+        assert other.metadata["fourdstream"]["threads_per_rank"] == threads[n]
         theirs = other.metadata["electron_counting"]   # thresholds agree bit for bit
         assert theirs.keys() == ec.keys()
         assert all(np.array_equal(theirs[k], ec[k]) for k in ec), n
@@ -232,3 +235,34 @@ def test_bad_input_under_mpi_is_one_error_and_a_clean_exit(raw_scans, tmp_path):
     ours = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
     assert proc.returncode == 1 and len(ours) == 1 and "missing.npy: no such file" in ours[0]
     assert "MPI_ABORT" not in proc.stderr and not (tmp_path / "c.h5").exists()
+
+
+def test_stempy_view_written_from_pointers_equals_the_object_array_way(tmp_path):
+    """The vlen view is written as (length, pointer) pairs into the events buffer; frame by frame
+    it holds what h5py writes from one numpy array per frame (the old way)."""
+    import h5py
+    from mpi4py import MPI
+
+    from expected import GEOMETRY, NO_EVENTS, PARTIAL, expected_frames
+    from fourdstream.io import events_as_objects
+    from fourdstream.writer import write_counted_scan
+
+    frames = expected_frames()
+    path = tmp_path / "view.h5"
+    write_counted_scan(path, frames, GEOMETRY, electron_counting={}, provenance={},
+                       comm=MPI.COMM_SELF)
+    scan = open_counted(path)
+    old_way = tmp_path / "old.h5"
+    with h5py.File(old_way, "w") as f:
+        d = f.create_dataset("frames", (scan.n_slots,), dtype=h5py.vlen_dtype(np.uint32))
+        d.write_direct(events_as_objects(scan.events, scan.offsets))
+    with h5py.File(path) as new, h5py.File(old_way) as old:
+        new_view, old_view = new["electron_events/frames"][()], old["frames"][()]
+    assert len(new_view) == len(old_view) == GEOMETRY.n_frames
+    for k, (a, b) in enumerate(zip(new_view, old_view)):
+        assert a.dtype == b.dtype == np.uint32 and np.array_equal(a, b), k
+    assert len(new_view[NO_EVENTS]) == 0 and scan.sector_mask[PARTIAL] == 0b0111
+    # ... and what stempy reads is the expected frames, slot for slot.
+    for i in range(len(frames)):
+        k = int(frames.position[i]) * 2 + int(frames.frame_number[i] - 100) % 2
+        assert np.array_equal(new_view[k], frames.frame(i)), i

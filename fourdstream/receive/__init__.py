@@ -41,6 +41,7 @@ import dataclasses
 import signal
 import sys
 import threading
+import time
 import traceback
 
 from ..assembly import FramePool, Ledger
@@ -162,6 +163,7 @@ class Receiver:
     def _step(self) -> None:
         """One round of the receiving thread: read, count, close."""
         stopped = self.coordinator.stopped.is_set()
+        started = time.time()
         events = {} if stopped else self.ingest.poll(10)
         with self.lock:
             progressed = self.ingest.read(events) if events else False
@@ -171,6 +173,9 @@ class Receiver:
             self._count_ready(everything=not events)
             self.ingest.relieve_stall(progressed, lambda: self._count_ready(everything=True))
             self.ingest.close_ended(self.options.senders)
+            now = time.time()
+            for share in self.ingest.shares.values():
+                share.note_busy(started, now)
             if self.writer.error is not None:
                 self.coordinator.stop_requested = True
         if stopped:

@@ -19,20 +19,30 @@ from ..pipeline import counting_provenance, frame_accounting
 from ..writer import WriteError, write_counted_scan
 
 
-def rank_concurrency(arrivals: list[dict]) -> float:
-    """Fraction of a scan's duration during which every rank was receiving.
+def rank_concurrency(busy: list[set]) -> float:
+    """Fraction of a scan's duration during which every rank had frames of it in flight.
 
-    ``arrivals[r]`` maps time bins (:data:`~fourdstream.assembly.ARRIVAL_BIN` s
-    wide) to the messages rank ``r`` received in them. The duration runs from
-    the first bin with a message on any rank to the last; a bin counts when
-    every rank received at least one message in it. 1.0 for one rank.
+    ``busy[r]`` holds the time bins (:data:`~fourdstream.assembly.ARRIVAL_BIN` s
+    wide) in which rank ``r`` received a message of the scan or held frames of
+    it being assembled or counted. The duration runs from the first bin busy on
+    any rank to the last; a bin counts when every rank was busy in it.
     """
-    bins = set().union(*arrivals)
+    bins = set().union(*busy)
     if not bins:
         return 0.0
     lo, hi = min(bins), max(bins)
-    busy = sum(1 for b in range(lo, hi + 1) if all(a.get(b, 0) > 0 for a in arrivals))
-    return busy / (hi - lo + 1)
+    return sum(1 for b in range(lo, hi + 1) if all(b in r for r in busy)) / (hi - lo + 1)
+
+
+def _activity(arrivals: list[dict], busy: list[set]) -> dict:
+    """Per rank and time bin from the scan's first busy bin: messages received
+    (``counts``) and whether frames were in flight (``busy``, 0 or 1)."""
+    bins = set().union(*busy)
+    lo = min(bins) if bins else 0
+    width = (max(bins) - lo + 1) if bins else 0
+    return {"bin_seconds": ARRIVAL_BIN,
+            "counts": [[a.get(lo + i, 0) for i in range(width)] for a in arrivals],
+            "busy": [[int(lo + i in b) for i in range(width)] for b in busy]}
 
 
 def peak_rss_mb() -> float:
@@ -89,7 +99,8 @@ class ScanWriter:
         ranks = comm.allgather({"first_message": share.first_message,
                                 "last_message": share.last_message, "last_send": share.last_send,
                                 "first_send": share.first_send, "closed_by": share.closed_by,
-                                "arrivals": dict(share.arrivals), "events": counted.n_events})
+                                "arrivals": dict(share.arrivals), "busy": share.busy,
+                                "events": counted.n_events})
         heard = [r for r in ranks if r["arrivals"]] or ranks
         timings = {"first_send": min(min(r["first_send"] for r in ranks),
                                      min(r["first_message"] for r in heard)),
@@ -101,7 +112,7 @@ class ScanWriter:
             source="stream", scan_number=share.scan, ranks=comm.size, senders=self.options.senders,
             **frame_accounting(geometry.n_frames, ledger.frames_complete, ledger.frames_incomplete),
             closed_by=sorted({r["closed_by"] for r in ranks} - {"nothing received"}),
-            **ledger.provenance(), rank_concurrency=rank_concurrency([r["arrivals"] for r in ranks]),
+            **ledger.provenance(), rank_concurrency=rank_concurrency([r["busy"] for r in ranks]),
             arrival_bin_seconds=ARRIVAL_BIN, timings=timings)
         path = comm.bcast(self._output_path(share.scan) if comm.rank == 0 else None, root=0)
         try:
@@ -123,6 +134,7 @@ class ScanWriter:
                        thresholds=(calibration.background_threshold, calibration.x_ray_threshold),
                        calibrated=bool(calibration.threshold_calculated),
                        rank_concurrency=provenance["rank_concurrency"],
+                       activity=_activity([r["arrivals"] for r in ranks], [r["busy"] for r in ranks]),
                        rank_seconds=[r["last_message"] - r["first_message"] for r in ranks],
                        peak_rss_mb=comm.allgather(peak_rss_mb()),
                        memory_bound_mb=self.memory_bound(max(r["events"] for r in ranks))
@@ -152,6 +164,6 @@ def format_scan_summary(s: dict) -> str:
     return (f"scan {s['scan']} -> {s['path']}: {s['frames']:,}/{s['expected']:,} frames "
             f"({s['complete']:,} complete, {s['incomplete']:,} incomplete, {s['missing']:,} missing), "
             f"{s['events']:,} events; closed by {'/'.join(s['closed_by'])}; "
-            f"{s['frames'] / max(s['seconds'], 1e-9):,.0f} frames/s; all ranks receiving "
+            f"{s['frames'] / max(s['seconds'], 1e-9):,.0f} frames/s; every rank busy "
             f"{s['rank_concurrency']:.0%} of the time; last frame sent -> file closed "
             f"{s['latency']:.2f} s" + (f"; losses: {extra}" if extra else ""))
