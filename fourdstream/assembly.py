@@ -121,6 +121,8 @@ class ScanShare:
         self.heard: dict[tuple, int] = {}     # (module, thread) -> highest frame number received
         self.arrivals: collections.Counter = collections.Counter()  # ARRIVAL_BIN bin -> messages
         self.busy: set[int] = set()           # bins in which frames of the scan were in flight here
+        self.counted_at = 0.0                 # when the last counted batch came back (Unix time)
+        self.handed_at = 0.0                  # when the coordinator handed the scan to the writer
 
     def received(self, module: int, thread: int, frame: int) -> None:
         """Note one sector message of the scan from sender stream ``(module, thread)``."""

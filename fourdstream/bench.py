@@ -69,7 +69,7 @@ class Config:
     transport_frames: int = 1000
     write_events: int = 4_000_000
     write_ranks: tuple = (1, 2, 4)
-    stream_scan: str = "64x64"
+    stream_scan: str = "96x96"
     stream_ranks: int = 2
     scaling_ranks: tuple = (1, 2, 4)
     scale_scan: str = "512x512"
@@ -397,6 +397,8 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
         out[f"{mode}_fps"] = _stats(r["frames"] / r["seconds"] for r in done)
         if mode == "full":
             out["latency_seconds"] = _stats(r["latency"] for r in done)
+            out["turnaround_seconds"] = {step: _stats(r["steps"][step] for r in done)
+                                         for step in done[0]["steps"]}
             out["rank_concurrency"] = _stats(r["rank_concurrency"] for r in done)
             out["peak_rss_mb"] = max(max(r["peak_rss_mb"]) for r in done)
             out["frames"] = done[0]["frames"]
@@ -457,7 +459,8 @@ def bench_scale(cfg: Config, folder: Path, log) -> dict:
             "expected": s["expected"], "missing": s["missing"], "incomplete": s["incomplete"],
             "seconds": s["seconds"], "wall_seconds": wall, "fps": s["frames"] / s["seconds"],
             "gbps": s["frames"] * 2 * FRAME_PIXELS / s["seconds"] / 1e9,
-            "latency": s["latency"], "rank_concurrency": s["rank_concurrency"],
+            "latency": s["latency"], "latency_received": s["latency_received"],
+            "turnaround": s["steps"], "rank_concurrency": s["rank_concurrency"],
             "peak_rss_mb": s["peak_rss_mb"], "memory_bound_mb": s["memory_bound_mb"]}
 
 
@@ -622,12 +625,18 @@ def table(record: dict) -> str:
             row(f"scaling, {n} rank(s)", f"{med(r['full_fps']):,.0f} frames/s end to end, every "
                 f"rank busy {med(r['rank_concurrency']):.0%}",
                 f"counting alone {med(r['counting_alone_fps']):,.0f} frames/s", "")
+        for n, r in st["scaling"]["ranks"].items():
+            steps = {k: med(v) for k, v in r["turnaround_seconds"].items()}
+            row(f"  last frame received -> file closed, {n} rank(s)", f"{sum(steps.values()):.2f} s",
+                ", ".join(f"{k} {v:.2f}" for k, v in steps.items() if v >= 0.005), "")
     if "scale" in st:
         c = st["scale"]
         row(f"scale: {c['scan']} into {c['ranks']} ranks", f"{c['fps']:,.0f} frames/s "
             f"({c['gbps']:.2f} GB/s), {c['seconds']:.0f} s, {c['missing']:,} missing, "
             f"{c['incomplete']:,} incomplete", f"peak {max(c['peak_rss_mb']):.0f} MB/rank "
             f"(bound {c['memory_bound_mb']:.0f})", f"busy {c['rank_concurrency']:.0%}")
+        row("  last frame received -> file closed", f"{c['latency_received']:.2f} s",
+            ", ".join(f"{k} {v:.2f}" for k, v in c["turnaround"].items() if v >= 0.005), "")
     widths = [max(len(r[i]) for r in rows + [("stage", "rate (median)", "ceiling (median)", "ratio")])
               for i in range(4)]
     lines = [f"{'stage':<{widths[0]}}  {'rate (median)':<{widths[1]}}  {'ceiling (median)':<{widths[2]}}  ratio"]

@@ -679,14 +679,15 @@ def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
 
 # -- bench ------------------------------------------------------------------------
 @main.command()
-@click.option("--quick", is_flag=True, help="Small sizes: about a minute here (the full run: < 15 min).")
+@click.option("--quick", is_flag=True, help="Small sizes: about 4 minutes on 2 cores (the full run: about 20 min).")
 @click.option("--json", "json_path", default="fourdstream-bench.jsonl", show_default=True,
               type=click.Path(dir_okay=False), help="Append the run's record (one JSON line) here.")
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Flag figures worse than in this earlier record (exit status 3 if any).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="PNG of the scaling and per-stage rates (default: next to --json).")
-@click.option("--stages", default="counting,transport,write,end_to_end,scaling", show_default=True,
+@click.option("--stages", default="counting,count_command,transport,write,end_to_end,scaling",
+              show_default=True,
               help="Comma-separated stages to run; add 'scale' for the production-size run "
                    "(512x512 into 4 ranks, minutes).")
 @click.option("--repeats", type=int, default=None, help="Repeats per figure (after one warm-up).")

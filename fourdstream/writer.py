@@ -22,9 +22,14 @@ Steps (every rank calls :func:`write_counted_scan` with its own frames):
    an empty selection (an empty h5py slice would skip the call and hang the
    others).
 5. **Serial finish** on rank 0 after the collective close: the stempy view
-   (variable-length data, which parallel HDF5 cannot write), ``/metadata``, then
-   an atomic rename to the final name. A failed run leaves no file under the
-   final name.
+   (variable-length data, which parallel HDF5 cannot write, written from
+   ``(length, pointer)`` pairs into the events, no Python object per frame),
+   ``/metadata``, then an atomic rename to the final name. A failed run leaves
+   no file under the final name.
+
+Given a :class:`Timeline` (the streaming receiver passes one that starts at the
+scan's last frame received), the writer marks its own steps on it and stores
+them in ``/metadata/fourdstream/turnaround``.
 
 With an h5py built without MPI, step 4 passes a token from rank to rank, each
 writing its slab with the serial driver in turn (reported in the result).
@@ -53,6 +58,30 @@ class WriteError(CollectiveError, OSError):
     """The counted file could not be written (raised on every rank)."""
 
 
+class Timeline:
+    """Consecutive named steps from ``start`` (Unix time): :meth:`mark` ends a step now.
+
+    The steps tile the time from ``start`` to the last mark, so they add up to it.
+    """
+
+    def __init__(self, start: float, marks=()):
+        self.start, self.marks = start, list(marks)
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        self.marks.append((name, time.time() if at is None else at))
+
+    def steps(self) -> dict:
+        """Seconds of each step, in order (a mark earlier than the one before counts 0)."""
+        out, before = {}, self.start
+        for name, at in self.marks:
+            out[name] = max(at - before, 0.0)
+            before = max(at, before)
+        return out
+
+    def total(self) -> float:
+        return sum(self.steps().values())
+
+
 @dataclasses.dataclass
 class WriteReport:
     """What was written and how long it took (seconds)."""
@@ -67,6 +96,7 @@ class WriteReport:
     seconds_collective: float
     seconds_stempy_view: float
     seconds_total: float
+    steps: dict = dataclasses.field(default_factory=dict)   #: the timeline's steps, if one was given
 
 
 def _comm_or_self(comm):
@@ -158,7 +188,7 @@ def _slab(counted: CountedFrames, geometry: ScanGeometry, fpp: int, comm) -> _Sl
 # -- the writer ----------------------------------------------------------------------
 def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
                        electron_counting: dict, provenance: dict, comm=None,
-                       overwrite: bool = False) -> WriteReport:
+                       overwrite: bool = False, timeline: Timeline | None = None) -> WriteReport:
     """Write one scan's counted frames, collectively over ``comm`` (see module docstring).
 
     Parameters
@@ -170,13 +200,17 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
     provenance : attributes for ``/metadata/fourdstream`` (same on all ranks); nested
         dicts become groups
     comm : mpi4py communicator (default: this process alone)
+    timeline : steps so far (see module docstring); the writer adds ``redistribute``,
+        ``prepare``, ``collective_write``, ``stempy_view``, ``metadata`` and ``rename``
     """
+    timeline = timeline or Timeline(time.time())
     t0 = time.perf_counter()
     comm = _comm_or_self(comm)
     path = Path(path)
     parallel = _parallel_hdf5()
     counted = redistribute(counted, geometry, comm)
     t_moved = time.perf_counter()
+    timeline.mark("redistribute")
     per_position = np.bincount(counted.position - slab_bounds(geometry.n_positions, comm.size)[comm.rank]) \
         if len(counted) else np.zeros(0, np.int64)
     fpp = max(comm.allreduce(int(per_position.max()) if len(per_position) else 0,
@@ -191,20 +225,22 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
     t1 = time.perf_counter()
     try:
         _on_root(comm, lambda: _create_file(tmp, n_events, n_slots))
+        timeline.mark("prepare")
         if parallel:
             _write_collective(tmp, slab, event_base, comm)
         else:
             _write_by_token(tmp, slab, event_base, comm)
         t2 = time.perf_counter()
-        _on_root(comm, lambda: _finish(tmp, path, geometry, fpp, electron_counting, provenance,
-                                       overwrite))
+        timeline.mark("collective_write")
+        steps = _on_root(comm, lambda: _finish(tmp, path, geometry, fpp, electron_counting,
+                                               provenance, overwrite, timeline))
     except Exception:
         if comm.rank == 0 and tmp.exists():
             tmp.unlink()
         raise
     t3 = time.perf_counter()
     return WriteReport(str(path), n_events, n_slots, fpp, n_events * 4, parallel,
-                       t_moved - t0, t2 - t1, t3 - t2, t3 - t0)
+                       t_moved - t0, t2 - t1, t3 - t2, t3 - t0, steps)
 
 
 def _parallel_hdf5() -> bool:
@@ -327,8 +363,8 @@ def _write_by_token(tmp: Path, slab: _Slab, event_base, comm) -> None:
 
 
 def _finish(tmp: Path, path: Path, geometry: ScanGeometry, fpp: int, electron_counting: dict,
-            provenance: dict, overwrite: bool) -> None:
-    """Rank 0, after the collective close: stempy view, metadata, rename."""
+            provenance: dict, overwrite: bool, timeline: Timeline) -> dict:
+    """Rank 0, after the collective close: stempy view, metadata, rename; returns the steps."""
     import h5py
 
     with h5py.File(tmp, "r+") as f:
@@ -346,11 +382,15 @@ def _finish(tmp: Path, path: Path, geometry: ScanGeometry, fpp: int, electron_co
             stop = min(start + VLEN_CHUNK, n_slots)
             off = offsets[start:stop + 1].astype(np.int64)
             _write_vlen(frames, start, g["events"][off[0]:off[-1]], off - off[0])
+        timeline.mark("stempy_view")
         meta = f.create_group("metadata")
         _write_attrs(meta.create_group("electron_counting"), electron_counting)
-        _write_attrs(meta.create_group("fourdstream"), dict(
-            provenance, scan_width=geometry.width, scan_height=geometry.height,
-            flyback=geometry.flyback, frames_per_position=fpp))
+        ours = meta.create_group("fourdstream")
+        _write_attrs(ours, dict(provenance, scan_width=geometry.width, scan_height=geometry.height,
+                                flyback=geometry.flyback, frames_per_position=fpp))
+        timeline.mark("metadata")
+        _write_attrs(ours.create_group("turnaround"),
+                     dict(timeline.steps(), latency_seconds=timeline.total()))
     if overwrite:
         os.replace(tmp, path)
     else:   # link() refuses an existing name: a file that appeared meanwhile is kept
@@ -360,6 +400,8 @@ def _finish(tmp: Path, path: Path, geometry: ScanGeometry, fpp: int, electron_co
             raise WriteError(f"{path} appeared while the scan was being written; "
                              f"not replaced") from None
         tmp.unlink()
+    timeline.mark("rename")
+    return timeline.steps()
 
 
 #: HDF5's in-memory variable-length element (``hvl_t``): length, then a pointer to the data.

@@ -53,6 +53,8 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
     assert set(st["scaling"]["ranks"]) == {"1", "2"}
     for r in st["scaling"]["ranks"].values():
         assert _is_stats(r["rank_concurrency"]) and 0 <= r["rank_concurrency"]["min"] <= 1
+        assert {"counting", "decision", "collective_write", "stempy_view", "rename"} <= set(
+            r["turnaround_seconds"])
     assert record["machine"]["cpu_count"] >= 1 and record["versions"]["fourdstream"]
     sz = record["sizing"]
     assert sz["bottleneck"] in sz["stages"] and all(s["ranks"] >= 1 for s in sz["stages"].values())
@@ -93,3 +95,10 @@ def test_cli_appends_a_record_and_flags_regressions(record, tmp_path, monkeypatc
     r = CliRunner().invoke(main, ["bench", "--json", str(results), "--compare", str(tmp_path / "old.json")])
     assert r.exit_code == 3 and "REGRESSION counting/numpy_fps" in r.output
     assert len(results.read_text().splitlines()) == 2
+
+
+def test_the_command_line_default_stages_are_the_harness_defaults():
+    from fourdstream.cli import bench as command
+
+    stages = next(p for p in command.params if p.name == "stages").default
+    assert tuple(stages.split(",")) == bench.DEFAULT_STAGES

@@ -63,6 +63,15 @@ def test_two_scans_equal_offline_counting_including_thresholds(stream_session, r
         assert scan.loss_summary()["complete"] == 104
         meta = scan.metadata["fourdstream"]
         assert meta["ranks"] == ranks and meta["frames_missing"] == 0 and meta["closed_by"] == "end"
+        # Where the time went from the last frame received to the file closed, step by step.
+        steps = dict(meta["turnaround"])
+        latency = steps.pop("latency_seconds")
+        order = ["counting", "decision", "writer_queue", "gather", "redistribute", "prepare",
+                 "collective_write", "stempy_view", "metadata"]
+        assert set(steps) == set(order) and list(summary["steps"]) == order + ["rename"]
+        assert all(v >= 0 for v in steps.values()) and abs(sum(steps.values()) - latency) <= 1e-6
+        assert abs(summary["latency_received"] - latency) <= 0.1 * summary["latency_received"] + 0.005
+        assert summary["steps"]["rename"] >= 0
 
 
 def test_faults_are_counted_and_the_rest_of_the_scan_is_fine(stream_session):

@@ -266,3 +266,20 @@ def test_stempy_view_written_from_pointers_equals_the_object_array_way(tmp_path)
     for i in range(len(frames)):
         k = int(frames.position[i]) * 2 + int(frames.frame_number[i] - 100) % 2
         assert np.array_equal(new_view[k], frames.frame(i)), i
+
+
+@pytest.mark.parametrize("step", ["_write_collective", "_write_vlen", "_write_attrs"])
+def test_a_failure_in_any_step_leaves_no_file_under_the_final_name(tmp_path, monkeypatch, step):
+    from mpi4py import MPI
+
+    from expected import GEOMETRY, expected_frames
+    from fourdstream import writer
+
+    def broken(*args, **kwargs):
+        raise OSError(f"injected failure in {step}")
+
+    monkeypatch.setattr(writer, step, broken)
+    with pytest.raises(Exception, match="injected failure"):
+        writer.write_counted_scan(tmp_path / "scan.h5", expected_frames(), GEOMETRY,
+                                  electron_counting={}, provenance={}, comm=MPI.COMM_SELF)
+    assert list(tmp_path.iterdir()) == []     # neither the file nor its temporary

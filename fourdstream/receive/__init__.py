@@ -214,6 +214,7 @@ class Receiver:
             if isinstance(result, BaseException):
                 raise result
             share.counted.append(result)
+            share.counted_at = time.time()
 
     def _guarded(self, body) -> None:
         """Run a thread's body; a failure there ends this rank's part of the job."""

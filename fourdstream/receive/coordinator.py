@@ -187,6 +187,7 @@ class Coordinator:
                 self.ingest.handed.add(scan)
                 self._done_at.pop(scan, None)
                 self._progress.finish(scan)
+                share.handed_at = time.time()
                 self.hand(share)
             self.n_handed += 1
             if self.options.scans and self.n_handed >= self.options.scans:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..assembly import ARRIVAL_BIN, Ledger, ScanShare
 from ..pipeline import counting_provenance, frame_accounting
-from ..writer import WriteError, write_counted_scan
+from ..writer import Timeline, WriteError, write_counted_scan
 
 
 def rank_concurrency(busy: list[set]) -> float:
@@ -84,6 +84,7 @@ class ScanWriter:
 
     def write(self, share: ScanShare) -> dict | None:
         """Write one scan collectively; returns rank 0's summary (None if not written)."""
+        started = time.time()
         comm = self.comm
         counted = share.result()
         failures = [f for f in comm.allgather(share.failed) if f]
@@ -100,7 +101,8 @@ class ScanWriter:
                                 "last_message": share.last_message, "last_send": share.last_send,
                                 "first_send": share.first_send, "closed_by": share.closed_by,
                                 "arrivals": dict(share.arrivals), "busy": share.busy,
-                                "events": counted.n_events})
+                                "events": counted.n_events, "counted_at": share.counted_at,
+                                "handed_at": share.handed_at, "write_started": started})
         heard = [r for r in ranks if r["arrivals"]] or ranks
         timings = {"first_send": min(min(r["first_send"] for r in ranks),
                                      min(r["first_message"] for r in heard)),
@@ -115,11 +117,15 @@ class ScanWriter:
             **ledger.provenance(), rank_concurrency=rank_concurrency([r["busy"] for r in ranks]),
             arrival_bin_seconds=ARRIVAL_BIN, timings=timings)
         path = comm.bcast(self._output_path(share.scan) if comm.rank == 0 else None, root=0)
+        # From the last frame received on any rank to the file closed, step by step.
+        timeline = Timeline(timings["last_message"], [(step, max(r[key] for r in ranks)) for step, key in (
+            ("counting", "counted_at"), ("decision", "handed_at"), ("writer_queue", "write_started"))])
+        timeline.mark("gather")
         try:
             report = write_counted_scan(path, counted, geometry,
                                         electron_counting=calibration.as_dict(),
                                         provenance=provenance, comm=comm,
-                                        overwrite=self.options.overwrite)
+                                        overwrite=self.options.overwrite, timeline=timeline)
         except WriteError as exc:
             self.log(f"scan {share.scan}: NOT written: {exc}")
             return None
@@ -131,6 +137,7 @@ class ScanWriter:
                        missing=provenance["frames_missing"], ledger=ledger.as_dict(),
                        closed_by=provenance["closed_by"], seconds=closed - timings["first_send"],
                        latency=closed - last_send, write_seconds=report.seconds_total,
+                       latency_received=closed - timings["last_message"], steps=report.steps,
                        thresholds=(calibration.background_threshold, calibration.x_ray_threshold),
                        calibrated=bool(calibration.threshold_calculated),
                        rank_concurrency=provenance["rank_concurrency"],
@@ -166,4 +173,6 @@ def format_scan_summary(s: dict) -> str:
             f"{s['events']:,} events; closed by {'/'.join(s['closed_by'])}; "
             f"{s['frames'] / max(s['seconds'], 1e-9):,.0f} frames/s; every rank busy "
             f"{s['rank_concurrency']:.0%} of the time; last frame sent -> file closed "
-            f"{s['latency']:.2f} s" + (f"; losses: {extra}" if extra else ""))
+            f"{s['latency']:.2f} s (after the last frame received: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in s["steps"].items())
+            + ")" + (f"; losses: {extra}" if extra else ""))
