@@ -64,8 +64,8 @@ def main():
     """Stream NCEM 4D Camera data into MPI ranks, count electrons, write HDF5.
 
     Frames are 576x576 uint16 in 4 sectors; counted output is one HDF5 file per
-    scan that stempy, py4DSTEM and ncempy open. Run a command with --help for
-    its options, units and defaults.
+    scan that stempy opens (SparseArray.from_hdf5). Run a command with --help
+    for its options, units and defaults.
     """
 
 
@@ -523,8 +523,10 @@ def receive(output, listen, connect, endpoints_file, advertise, senders, timeout
     \b
     Peak memory per rank stays within (MB):
       250 + 0.66 x window + 0.66 x hwm + 2 x threads x batch-size
-      + 16 x (counted events held by the rank) / 1e6
-    e.g. 458 MB with the defaults plus 40 MB per 2.5 M events.
+      + 40 x (counted events the rank holds for the scan being written) / 1e6
+    e.g. 550 MB with the defaults and 1 thread, plus 400 MB per 10 M events
+    (a 512x512 scan at 150 electrons/frame holds about 10 M events per rank on
+    4 ranks).
     """
     import json
 

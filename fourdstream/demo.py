@@ -76,7 +76,12 @@ def run_demo(output: str, *, scan: str = "64x64", ranks: int = 2, dose: float = 
     summaries = json.loads(summary_file.read_text()) if summary_file.exists() else []
     if not summaries:
         raise DemoError("the receiver wrote no scan; see its output above")
-    s = dict(summaries[0], wall_seconds=time.time() - t0)
+    return check_whole(dict(summaries[0], wall_seconds=time.time() - t0))
+
+
+def check_whole(summary: dict) -> dict:
+    """``summary`` if its scan arrived whole, else a :class:`DemoError` saying what is missing."""
+    s = summary
     if s["missing"] or s["incomplete"]:
         raise DemoError(f"{s['missing']:,} frames missing and {s['incomplete']:,} incomplete of "
                         f"{s['expected']:,} in {s['path']}; see the receiver's output above")

@@ -17,9 +17,9 @@ frame (lost or never sent) is empty and has sector mask 0. Layout::
     /metadata/fourdstream              attrs: geometry, frame accounting, sources, ranks, timings
 
 ``/electron_events`` is stempy's version-3 layout, so ``stempy.io.SparseArray.from_hdf5``
-(and py4DSTEM/ncempy) open the file as it is. Parallel HDF5 cannot write
-variable-length data, so that view is written after the collective write of
-``/fourdstream`` (see :mod:`fourdstream.writer`).
+opens the file as it is. Parallel HDF5 cannot write variable-length data, so
+that view is written after the collective write of ``/fourdstream`` (see
+:mod:`fourdstream.writer`).
 
 :class:`CountedScan` reads our files from the flat layout (two contiguous reads,
 no per-frame Python objects) and stempy's own files from the vlen view.

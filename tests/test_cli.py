@@ -80,3 +80,12 @@ def test_existing_output_is_not_overwritten(small_scan, tmp_path):
 def test_bad_scan_size_is_a_usage_error(tmp_path):
     r = invoke("simulate", tmp_path, "--scan", "64")
     assert r.exit_code == 1 and "WIDTHxHEIGHT" in r.output
+
+
+def test_receive_help_states_the_memory_bound_the_receiver_uses():
+    from fourdstream.receive import memory_bound_mb
+
+    text = invoke("receive", "--help").output
+    assert f"{memory_bound_mb(256, 100, 32, 1):.0f} MB with the defaults" in text
+    assert f"{memory_bound_mb(256, 100, 32, 1, 10e6) - memory_bound_mb(256, 100, 32, 1):.0f} MB per 10 M" \
+        in text

@@ -72,6 +72,9 @@ def test_two_scans_equal_offline_counting_including_thresholds(stream_session, r
         assert all(v >= 0 for v in steps.values()) and abs(sum(steps.values()) - latency) <= 1e-6
         assert abs(summary["latency_received"] - latency) <= 0.1 * summary["latency_received"] + 0.005
         assert summary["steps"]["rename"] >= 0
+        # Every rank stayed within the memory bound of `receive --help`.
+        assert len(summary["peak_rss_mb"]) == ranks
+        assert max(summary["peak_rss_mb"]) <= summary["memory_bound_mb"], summary["peak_rss_mb"]
 
 
 def test_faults_are_counted_and_the_rest_of_the_scan_is_fine(stream_session):
@@ -249,6 +252,16 @@ def test_demo_streams_a_scan_into_a_file_and_says_how_to_open_it(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--scan", "6x4", "--output", str(tmp_path / "demo"),
                                   "--bg", "28", "--xr", "700"])
     assert r.exit_code == 0 and (tmp_path / "demo" / "scan0000000001.1.h5").exists()
+
+
+@pytest.mark.parametrize("missing,incomplete", [(1, 0), (0, 3)])
+def test_the_demo_fails_with_one_line_when_a_frame_is_missing_or_incomplete(missing, incomplete):
+    from fourdstream.demo import DemoError, check_whole
+
+    whole = {"missing": 0, "incomplete": 0, "expected": 104, "path": "scan.h5"}
+    assert check_whole(whole) is whole
+    with pytest.raises(DemoError, match=f"{missing} frames missing and {incomplete} incomplete of 104"):
+        check_whole(dict(whole, missing=missing, incomplete=incomplete))
 
 
 def test_replayed_raw_files_through_binding_senders_equal_the_offline_file(tmp_path):

@@ -87,6 +87,7 @@ class ScanWriter:
         started = time.time()
         comm = self.comm
         counted = share.result()
+        share.counted = [counted]      # the batches' own arrays can go
         failures = [f for f in comm.allgather(share.failed) if f]
         ledger = Ledger()
         for part in comm.allgather(share.ledger):
