@@ -57,24 +57,25 @@ __all__ = ["Receiver", "ReceiverOptions", "memory_bound_mb", "format_scan_summar
 
 #: Resident memory of a rank before any frame arrives (interpreter, numpy, h5py,
 #: mpi4py, pyzmq, scipy, numba and the compiled kernel: 217 MB measured on
-#: Debian 12 / Python 3.11), MB, with margin.
-BASE_RSS_MB = 250
+#: Debian 12 / Python 3.11 with the kernel cached, 236 MB compiling it), MB, with margin.
+BASE_RSS_MB = 260
 
 
 def memory_bound_mb(window: int, hwm: int, batch_size: int, threads: int = 1,
-                    events: int = 0) -> float:
+                    events: int = 0, sample_frames: int = 20) -> float:
     """Peak resident memory of one rank, MB, that the receiver stays within.
 
     ``window`` frame buffers (0.66 MB each) + 4 module sockets x ``hwm`` queued
     sector messages (0.17 MB each) + the batches queued and being counted
-    (3 x ``threads`` x ``batch_size`` frames) + the counted events the rank holds
-    (``events``, 4 bytes each; up to 10 copies while a scan is sorted, moved and
-    written: 40 bytes per event, measured with a 512x512 scan on 4 ranks) +
-    :data:`BASE_RSS_MB`.
+    (3 x ``threads`` x ``batch_size`` frames) + calibration (the sample frames
+    and their corrected values: 3 MB per sample frame at most, on the rank that
+    holds them) + the counted events the rank holds (``events``, 4 bytes each; up
+    to 10 copies while a scan is sorted, moved and written: 40 bytes per event,
+    measured with a 512x512 scan on 4 ranks) + :data:`BASE_RSS_MB`.
     """
     frame_mb = 2 * FRAME_PIXELS / 1e6
     return (BASE_RSS_MB + window * frame_mb + 4 * hwm * SECTOR_BYTES / 1e6
-            + 3 * threads * batch_size * frame_mb + 40 * events / 1e6)
+            + 3 * threads * batch_size * frame_mb + 3 * sample_frames + 40 * events / 1e6)
 
 
 @dataclasses.dataclass
@@ -116,7 +117,8 @@ class Receiver:
                              self.template.for_scan, stall=min(2.0, options.timeout))
         self.writer = ScanWriter(writer_comm, self.template, options, log=log,
                                  memory_bound=lambda events: memory_bound_mb(
-                                     options.window, options.hwm, self.batch, options.threads, events))
+                                     options.window, options.hwm, self.batch, options.threads, events,
+                                     counting.sample_frames))
         self.coordinator = Coordinator(
             coordinator_comm, self.ingest, self.lock, self.writer.queue.put,
             CoordinatorOptions(timeout=options.timeout, senders=options.senders, scans=options.scans,
