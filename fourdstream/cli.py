@@ -522,9 +522,9 @@ def receive(output, listen, connect, endpoints_file, advertise, senders, timeout
 
     \b
     Peak memory per rank stays within (MB):
-      260 + 0.66 x window + 0.66 x hwm + 2 x threads x batch-size
+      330 + 0.66 x window + 0.66 x hwm + 2 x threads x batch-size
       + 3 x sample-frames + 40 x (counted events the rank holds) / 1e6
-    e.g. 620 MB with the defaults and 1 thread, plus 400 MB per 10 M events
+    e.g. 690 MB with the defaults and 1 thread, plus 400 MB per 10 M events
     (a 512x512 scan at 150 electrons/frame holds about 10 M events per rank on
     4 ranks).
     """

@@ -38,6 +38,8 @@ GROUP = "fourdstream"
 STEMPY_VERSION = 3
 #: Slots converted per step when building or reading the vlen view (bounds memory).
 VLEN_CHUNK = 65536
+#: Events read back per step when the writer builds the vlen view (64 MB of uint32).
+VLEN_EVENTS = 16 * 2**20
 
 
 def events_as_objects(events: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -66,12 +66,11 @@ class CountedFrames:
 
     def take(self, index) -> "CountedFrames":
         """Frames ``index`` (an integer array), in that order."""
+        from .compiled import gather_runs   # numba: imported only where frames are moved
+
         index = np.asarray(index, dtype=np.int64)
         counts = self.counts()[index]
-        starts = self.offsets[index]
-        # Gather the event runs of the chosen frames without a Python loop.
-        run = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-        events = self.events[np.arange(counts.sum(), dtype=np.int64) + run]
+        events = gather_runs(self.events, self.offsets[index], counts)
         return CountedFrames(events, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                              self.frame_number[index], self.position[index], self.mask[index])
 

@@ -50,7 +50,7 @@ from . import __version__
 from .collective import CollectiveError, agree, on_root
 from .detector import FRAME_COLS, FRAME_ROWS, ScanGeometry
 from .route import slab_bounds, slab_owner
-from .io import GROUP, STEMPY_VERSION, VLEN_CHUNK
+from .io import GROUP, STEMPY_VERSION, VLEN_CHUNK, VLEN_EVENTS
 from .sparse import CountedFrames
 
 
@@ -377,11 +377,15 @@ def _finish(tmp: Path, path: Path, geometry: ScanGeometry, fpp: int, electron_co
         n_slots = len(g["sector_mask"])
         frames = ee.create_dataset("frames", (n_slots,), dtype=h5py.vlen_dtype(np.uint32))
         frames.attrs["Nx"], frames.attrs["Ny"] = FRAME_ROWS, FRAME_COLS
-        offsets = g["offsets"]
-        for start in range(0, n_slots, VLEN_CHUNK):
-            stop = min(start + VLEN_CHUNK, n_slots)
-            off = offsets[start:stop + 1].astype(np.int64)
+        offsets = g["offsets"][()].astype(np.int64)
+        start = 0
+        while start < n_slots:   # at most VLEN_CHUNK slots and VLEN_EVENTS events a step
+            stop = min(start + VLEN_CHUNK, n_slots,
+                       max(int(np.searchsorted(offsets, offsets[start] + VLEN_EVENTS, "right")) - 1,
+                           start + 1))
+            off = offsets[start:stop + 1]
             _write_vlen(frames, start, g["events"][off[0]:off[-1]], off - off[0])
+            start = stop
         timeline.mark("stempy_view")
         meta = f.create_group("metadata")
         _write_attrs(meta.create_group("electron_counting"), electron_counting)

@@ -67,3 +67,17 @@ def test_compiled_kernel_releases_the_gil_and_is_cached_on_disk(tmp_path):
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     assert list(tmp_path.rglob("*_count*.nbi")) and list(tmp_path.rglob("*_count*.nbc"))
+
+
+def test_gather_runs_equals_concatenating_slices():
+    from fourdstream.compiled import gather_runs
+
+    rng = np.random.default_rng(3)
+    source = rng.integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)
+    starts = rng.integers(0, 990, 200)
+    counts = rng.integers(0, 10, 200)
+    counts[::7] = 0
+    expected = np.concatenate([source[s:s + c] for s, c in zip(starts, counts)])
+    got = gather_runs(source, starts, counts)
+    assert got.dtype == np.uint32 and np.array_equal(got, expected)
+    assert len(gather_runs(source, starts[:0], counts[:0])) == 0

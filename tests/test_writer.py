@@ -237,16 +237,21 @@ def test_bad_input_under_mpi_is_one_error_and_a_clean_exit(raw_scans, tmp_path):
     assert "MPI_ABORT" not in proc.stderr and not (tmp_path / "c.h5").exists()
 
 
-def test_stempy_view_written_from_pointers_equals_the_object_array_way(tmp_path):
-    """The vlen view is written as (length, pointer) pairs into the events buffer; frame by frame
+@pytest.mark.parametrize("events_per_step", [16 * 2**20, 50, 1])
+def test_stempy_view_written_from_pointers_equals_the_object_array_way(tmp_path, monkeypatch,
+                                                                        events_per_step):
+    """The vlen view is written as (length, pointer) pairs into the events buffer, a bounded
+    number of events at a time (one frame larger than the bound is one step); frame by frame
     it holds what h5py writes from one numpy array per frame (the old way)."""
     import h5py
     from mpi4py import MPI
 
     from expected import GEOMETRY, NO_EVENTS, PARTIAL, expected_frames
+    from fourdstream import writer
     from fourdstream.io import events_as_objects
     from fourdstream.writer import write_counted_scan
 
+    monkeypatch.setattr(writer, "VLEN_EVENTS", events_per_step)
     frames = expected_frames()
     path = tmp_path / "view.h5"
     write_counted_scan(path, frames, GEOMETRY, electron_counting={}, provenance={},

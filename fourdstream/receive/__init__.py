@@ -71,11 +71,13 @@ def memory_bound_mb(window: int, hwm: int, batch_size: int, threads: int = 1,
     and their corrected values: 3 MB per sample frame at most, on the rank that
     holds them) + the counted events the rank holds (``events``, 4 bytes each; up
     to 10 copies while a scan is sorted, moved and written: 40 bytes per event,
-    measured with a 512x512 scan on 4 ranks) + :data:`BASE_RSS_MB`.
+    measured with a 512x512 scan on 4 ranks) + the stempy view's step on rank 0
+    (:data:`~fourdstream.io.VLEN_EVENTS` events and their descriptors: 70 MB,
+    counted for every rank) + :data:`BASE_RSS_MB`.
     """
     frame_mb = 2 * FRAME_PIXELS / 1e6
     return (BASE_RSS_MB + window * frame_mb + 4 * hwm * SECTOR_BYTES / 1e6
-            + 3 * threads * batch_size * frame_mb + 3 * sample_frames + 40 * events / 1e6)
+            + 3 * threads * batch_size * frame_mb + 3 * sample_frames + 70 + 40 * events / 1e6)
 
 
 @dataclasses.dataclass
