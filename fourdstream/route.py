@@ -36,8 +36,9 @@ def check_chunk(chunk: int) -> int:
 
 
 def owner(position, n_ranks: int, chunk: int = DEFAULT_CHUNK):
-    """Rank that receives and counts the frames of ``position`` (scalar or integer array)."""
-    return (np.asarray(position, dtype=np.int64) // chunk) % n_ranks
+    """Rank that receives and counts the frames of ``position`` (an int, as senders route each
+    message without numpy's per-call cost, or an integer array)."""
+    return (position // chunk) % n_ranks
 
 
 def owned_positions(rank: int, n_positions: int, n_ranks: int, chunk: int = DEFAULT_CHUNK) -> np.ndarray:

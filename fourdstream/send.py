@@ -109,7 +109,7 @@ class Router:
         position = y * width + x
         if x >= width or position >= n_positions:
             return frame % self.n_ranks
-        return int(owner(position, self.n_ranks, self.chunk))
+        return owner(position, self.n_ranks, self.chunk)
 
     def send(self, scan: int, rank: int, header: bytes, payload) -> bool:
         """Send one sector message (payload zero-copy); False if it was dropped."""

@@ -143,9 +143,9 @@ class Receiver:
     def run(self) -> list[dict]:
         """Serve the session until stopped; returns rank 0's per-scan summaries."""
         self._install_signal_handlers()
-        threads = [threading.Thread(target=self._guarded, args=(self.coordinator.run,),
-                                    name="fourdstream-coordinator", daemon=True),
-                   threading.Thread(target=self.writer.run, name="fourdstream-writer", daemon=True)]
+        threads = [threading.Thread(target=self._guarded, args=(part.run,), name=name, daemon=True)
+                   for part, name in ((self.coordinator, "fourdstream-coordinator"),
+                                      (self.writer, "fourdstream-writer"))]
         for t in threads:
             t.start()
         try:
@@ -159,8 +159,6 @@ class Receiver:
             self.writer.queue.put(None)
         for t in threads:
             t.join()
-        if self.writer.error is not None:
-            raise self.writer.error
         self._session = Ledger()
         for part in self.comm.allgather(self.ingest.session):
             self._session.add(part)
@@ -182,8 +180,6 @@ class Receiver:
             now = time.time()
             for share in self.ingest.shares.values():
                 share.note_busy(started, now)
-            if self.writer.error is not None:
-                self.coordinator.stop_requested = True
         if stopped:
             self.coordinator.finished.wait(0.01)
 
@@ -223,7 +219,8 @@ class Receiver:
             share.counted_at = time.time()
 
     def _guarded(self, body) -> None:
-        """Run a thread's body; a failure there ends this rank's part of the job."""
+        """Run a thread's body; a failure there aborts the job (the other ranks would
+        otherwise wait for this one in a collective call)."""
         try:
             body()
         except BaseException:

@@ -68,19 +68,18 @@ class ScanWriter:
         self.log = log if comm.rank == 0 else (lambda *a, **k: None)
         self.summaries: list[dict] = []    # rank 0: one per written scan
         self.queue: queue.Queue = queue.Queue()
-        self.error: BaseException | None = None
 
     def run(self) -> None:
-        """Write the shares put on :attr:`queue` until ``None`` (the thread's body)."""
+        """Write the shares put on :attr:`queue` until ``None`` (the thread's body).
+
+        A write that fails on every rank (:class:`~fourdstream.writer.WriteError`) is
+        reported and the session goes on; any other error ends the thread.
+        """
         while True:
             share = self.queue.get()
             if share is None:
                 return
-            if self.error is None:
-                try:
-                    self.write(share)
-                except BaseException as exc:   # reported by the receiver
-                    self.error = exc
+            self.write(share)
 
     def write(self, share: ScanShare) -> dict | None:
         """Write one scan collectively; returns rank 0's summary (None if not written)."""
