@@ -124,6 +124,15 @@ def gather_runs(source: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> n
     return out
 
 
+def warm_up() -> None:
+    """Compile the kernels now, or load them from the disk cache (about 0.3 s, 1-2 s the first
+    time after an install), so that no scan pays it: the receiver calls this at start."""
+    from .counting import Thresholds
+
+    CompiledCounter(Thresholds(1.0, 2.0)).count(np.zeros((1,) + FRAME_SHAPE, np.uint16))
+    gather_runs(np.zeros(1, np.uint32), np.zeros(1, np.int64), np.ones(1, np.int64))
+
+
 @numba.njit(nogil=True, cache=True)
 def _max_pass(frames, block):
     top = np.uint16(0)

@@ -191,6 +191,21 @@ def test_coordinator_calibrates_from_the_first_complete_frames_once_settled(comm
     assert cal == expected
 
 
+def test_the_receiver_compiles_its_kernels_before_any_scan(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from mpi4py import MPI; from fourdstream import compiled; "
+            "from fourdstream.pipeline import CountingOptions; "
+            "from fourdstream.receive import Receiver, ReceiverOptions; "
+            "before = (len(compiled._count.signatures), len(compiled._copy_runs.signatures)); "
+            "Receiver(MPI.COMM_SELF, [], CountingOptions(background_threshold=28, xray_threshold=700), "
+            f"ReceiverOptions(output={str(tmp_path)!r})); "
+            "print(before, (len(compiled._count.signatures), len(compiled._copy_runs.signatures)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["(0,", "0)", "(1,", "1)"], out.stdout
+
+
 def test_rank_concurrency_by_hand():
     assert rank_concurrency([{10, 11, 12}]) == 1.0
     assert rank_concurrency([{10, 11, 12, 13}, {10, 13}]) == 0.5

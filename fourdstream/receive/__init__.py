@@ -44,6 +44,7 @@ import threading
 import time
 import traceback
 
+from .. import compiled
 from ..assembly import FramePool, Ledger
 from ..detector import FRAME_PIXELS, SECTOR_BYTES
 from ..pipeline import CountingOptions, ScanCounting
@@ -128,6 +129,7 @@ class Receiver:
             log=log if options.progress else None)
         self.counting = CountingThreads(options.threads)
         self._session: Ledger | None = None
+        compiled.warm_up()   # the counting kernel and the writer's event gather, before any scan
 
     @property
     def session(self) -> Ledger:
