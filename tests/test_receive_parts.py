@@ -221,3 +221,24 @@ def test_a_share_is_busy_while_it_holds_frames():
     share.add(1, 0, 0, np.zeros(82944, np.uint16).tobytes())
     share.note_busy(100.0, 100.25)                           # a step of 0.25 s: 3 bins
     assert share.busy == {1000, 1001, 1002}
+
+
+def test_a_briefly_full_pool_does_not_force_the_calibration_but_a_stuck_one_does(comm):
+    """A module that lags for a moment fills the pool with incomplete frames; only a pool that
+    stays full for force_after seconds makes the ranks calibrate with the frames at hand."""
+    g = ScanGeometry(30, 1)
+    frames = frames_of(g, seed=5)
+    ingest = Ingest([], FramePool(12), ScanCounting(CountingOptions(), comm).for_scan)
+    share = ingest.share(1, g)
+    for k in range(12):                       # 8 complete frames, 4 still missing module 3
+        for m in range(4 if k < 8 else 3):
+            share.received(m, 0, k + 1)
+            share.add(k + 1, m, k, np.ascontiguousarray(frames[k][sector_slice(m)]))
+    assert ingest.pool.n_free == 0
+    coordinator = _coordinator(ingest, comm, [], senders=4, sample_frames=20, force_after=2.0)
+    coordinator.step()
+    assert share.counting.calibration is None  # full, but only just: not settled, not forced
+    coordinator._full_since -= 3.0             # ... full for 3 s: stuck
+    coordinator.step()
+    assert share.counting.calibration is not None
+    assert share.counting.calibration.sample_frame_numbers == tuple(range(1, 9))

@@ -40,6 +40,31 @@ def send_all(session, *args, skip=()):
             session.send(m, "--simulate", SCAN, "--seed", SEED, "--pool-frames", 0, *args)
 
 
+def offline_calibration(frames):
+    """The offline count's calibration of ``frames`` (seed 0, the first 20 frames)."""
+    chosen, weights = plan_samples(np.arange(1, len(frames) + 1), np.ones(len(frames), bool), seed=0)
+    values = ElectronCounter().values(frames)
+    return calibrate([(int(f), int(w), values[f - 1]) for f, w in zip(chosen, weights)],
+                     number_of_samples=1200, seed=0)
+
+
+def test_a_module_that_starts_late_does_not_change_the_thresholds(stream_session):
+    """Pools fill with incomplete frames while module 3 is late; the ranks still wait for the
+    scan's first complete frames and calibrate exactly as the offline count does."""
+    s = stream_session(2, "--scans", 1, "--window", 16, "--batch-size", 4)
+    start = time.time() + 2.0
+    for m in range(4):
+        s.send(m, "--simulate", SCAN, "--seed", SEED, "--pool-frames", 0, "--hwm", 4,
+               "--start-at", start + (1.5 if m == 3 else 0.0))
+    rc, output, (summary,) = s.wait()
+    assert rc == 0, output
+    cal = offline_calibration(simulated())
+    ec = open_counted(summary["path"]).metadata["electron_counting"]
+    assert list(ec["sample_frame_numbers"]) == list(cal.sample_frame_numbers)
+    assert ec["x_ray_threshold"] == cal.x_ray_threshold
+    assert summary["complete"] == 104
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_two_scans_equal_offline_counting_including_thresholds(stream_session, ranks):
     s = stream_session(ranks, "--scans", 2)
@@ -48,11 +73,7 @@ def test_two_scans_equal_offline_counting_including_thresholds(stream_session, r
     assert rc == 0, output
     assert [x["scan"] for x in summaries] == [1, 2]
     frames = simulated()
-    # Offline calibration of the same frames with the same settings (seed 0, 20 frames).
-    chosen, weights = plan_samples(np.arange(1, 105), np.ones(104, bool), seed=0)
-    values = ElectronCounter().values(frames)
-    cal = calibrate([(int(f), int(w), values[f - 1]) for f, w in zip(chosen, weights)],
-                    number_of_samples=1200, seed=0)
+    cal = offline_calibration(frames)   # the same frames, the same settings
     events, offsets = offline(frames, cal.background_threshold, cal.x_ray_threshold)
     for summary in summaries:
         scan = open_counted(summary["path"])

@@ -12,7 +12,9 @@ never disagree and no rank waits on another outside this one call:
 * **calibration**: the scan's sample frames are its first ``sample_frames``
   complete frames by frame number, wherever they are. Once they are settled
   (every rank has heard each sender stream reach the last of them, or the scan
-  is closed, or a rank's frame pool is full), every rank calibrates together
+  is closed, or a rank's frame pool has been full for ``force_after`` seconds: a
+  sender that lags for a moment fills pools with incomplete frames without that
+  being a deadlock), every rank calibrates together
   (:meth:`~fourdstream.pipeline.ScanCounting.calibrate`, collective), giving
   the thresholds an offline count of the same frames gives;
 * **write order**: a scan that is done (closed, counted) on every rank that
@@ -39,6 +41,7 @@ class CoordinatorOptions:
     senders: int = 4          #: sender streams that send every scan
     scans: int = 0            #: hand this many scans to the writer, then stop (0: no limit)
     sample_frames: int = 20   #: calibration: sample from this many first complete frames
+    force_after: float = 2.0  #: calibrate with the frames at hand once a pool is full this long (s)
     interval: float = 0.02    #: seconds between two status exchanges
 
 
@@ -64,6 +67,7 @@ class Coordinator:
         self.limit_reached = False         # stopped because ``scans`` scans were handed on
         self.n_handed = 0
         self._done_at: dict[int, float] = {}
+        self._full_since: float | None = None
         self._progress = _Progress(self.log)
 
     def run(self) -> None:
@@ -103,7 +107,12 @@ class Coordinator:
                 entry["sample"] = {"lowest": share.complete_frame_numbers(self.options.sample_frames),
                                    "horizon": share.horizon(self.options.senders)}
             scans[scan] = entry
-        return {"stop": self.stop_requested, "scans": scans, "pool_full": self.ingest.pool.n_free == 0,
+        if self.ingest.pool.n_free:
+            self._full_since = None
+        elif self._full_since is None:
+            self._full_since = now
+        return {"stop": self.stop_requested, "scans": scans,
+                "full_for": 0.0 if self._full_since is None else now - self._full_since,
                 "idle": self.stopped.is_set() and not self.ingest.shares}
 
     @staticmethod
@@ -129,7 +138,7 @@ class Coordinator:
 
     # -- calibration ---------------------------------------------------------------
     def _calibrate(self, everyone) -> None:
-        pool_full = any(st["pool_full"] for st in everyone)
+        stuck = max(st["full_for"] for st in everyone) > self.options.force_after
         waiting = sorted({s for st in everyone for s, e in st["scans"].items() if "sample" in e})
         for scan in waiting:
             known = self._known(everyone, scan)
@@ -139,7 +148,7 @@ class Coordinator:
             settled = len(known) == len(everyone) and len(candidates) == n_wanted and all(
                 s["horizon"] >= candidates[-1] for s in samples)
             everywhere_closed = len(known) == len(everyone) and all(k["closed"] for k in known)
-            if settled or everywhere_closed or (pool_full and candidates):
+            if settled or everywhere_closed or (stuck and candidates):
                 self._calibrate_scan(scan, self._geometry(everyone, scan), candidates)
 
     def _calibrate_scan(self, scan: int, geometry: ScanGeometry, candidates: list[int]) -> None:
