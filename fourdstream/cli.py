@@ -681,7 +681,7 @@ def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
 
 # -- bench ------------------------------------------------------------------------
 @main.command()
-@click.option("--quick", is_flag=True, help="Small sizes: about 4 minutes on 2 cores (the full run: about 20 min).")
+@click.option("--quick", is_flag=True, help="Small sizes: about 3 minutes on 2 cores.")
 @click.option("--json", "json_path", default="fourdstream-bench.jsonl", show_default=True,
               type=click.Path(dir_okay=False), help="Append the run's record (one JSON line) here.")
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None,

@@ -89,3 +89,15 @@ def test_receive_help_states_the_memory_bound_the_receiver_uses():
     assert f"{memory_bound_mb(256, 100, 32, 1):.0f} MB with the defaults" in text
     assert f"{memory_bound_mb(256, 100, 32, 1, 10e6) - memory_bound_mb(256, 100, 32, 1):.0f} MB per 10 M" \
         in text
+
+
+def test_count_uses_the_cores_available_by_default(small_scan, tmp_path):
+    import os
+
+    from fourdstream.io import open_counted
+
+    folder, _, _ = small_scan
+    r = invoke("count", folder, "-o", tmp_path / "c.h5", "--bg", "28", "--xr", "700")
+    assert r.exit_code == 0, r.output
+    meta = open_counted(tmp_path / "c.h5").metadata["fourdstream"]
+    assert meta["threads_per_rank"] == len(os.sched_getaffinity(0)) and meta["ranks"] == 1
