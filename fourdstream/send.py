@@ -123,16 +123,22 @@ class Router:
         return True
 
     def end(self, scan: int, **extra) -> ScanCounts:
-        """Tell every rank how many messages of ``scan`` it was sent."""
+        """Tell every rank how many messages of ``scan`` it was sent.
+
+        Every rank is first offered its message without waiting; a rank that takes
+        one shows the receivers are alive, so the others then get the full grace.
+        """
         counts = self.scans.pop(scan)
         self._width.pop(scan)
-        now, deadline = time.time(), self._control_deadline()
-        self._close_by = deadline
-        failed = [r for r in range(self.n_ranks) if not self._deliver(r, [wire.encode_control(
+        now = time.time()
+        messages = [[wire.encode_control(
             "end", scan=scan, sender=self.sender, sent=int(counts.sent[r]),
             dropped=int(counts.dropped[r]), first_send=counts.first_send or now,
-            last_send=counts.last_send or now, **extra)], deadline)]
-        counts.unannounced = tuple(failed)
+            last_send=counts.last_send or now, **extra)] for r in range(self.n_ranks)]
+        waiting = [r for r in range(self.n_ranks) if not self._try(r, messages[r])]
+        self._close_by = self._control_deadline()
+        counts.unannounced = tuple(r for r in waiting
+                                   if not self._deliver(r, messages[r], self._close_by))
         return counts
 
     def close(self) -> None:
