@@ -413,12 +413,9 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
     return out
 
 
-#: Seconds the senders of a streamed run get to start before the scan begins (--start-at).
-SENDER_START = 3.0
-
-
 def _stream_once(scan: str, ranks: int, mode: str, folder: Path, timeout: float = 300) -> dict:
     """One streamed scan, 4 senders starting together; the receiver's summary."""
+    from .demo import SENDER_START_SECONDS
     from .launch import mpi_environment, mpiexec_command
     from .transport import read_endpoints
 
@@ -430,7 +427,7 @@ def _stream_once(scan: str, ranks: int, mode: str, folder: Path, timeout: float 
         stderr=subprocess.PIPE, text=True)
     try:
         read_endpoints(endpoints, wait=60)
-        start_at = time.time() + SENDER_START
+        start_at = time.time() + SENDER_START_SECONDS
         senders = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--module", str(m),
                                      "--simulate", scan, "--pool-frames", "256", "--start-at",
                                      str(start_at), "--endpoints-file", str(endpoints)],
@@ -803,11 +800,10 @@ def _write_worker(path: str, events: str, repeats: str) -> None:
 def _write_interleaved(path: str, counted, geometry, comm) -> float:
     """The ``interleaved`` strategy of :func:`_write_worker`; seconds, file creation excluded."""
     import h5py
-    from h5py import h5fd, h5p, h5s
     from mpi4py import MPI
 
     from .io import GROUP
-    from .writer import _create_file
+    from .writer import _create_file, collective_dxpl, write_runs
 
     counted = counted.sorted()
     per_slot = np.zeros(geometry.n_positions, np.int64)
@@ -820,32 +816,17 @@ def _write_interleaved(path: str, counted, geometry, comm) -> float:
         _create_file(Path(path), int(offsets[-1]), geometry.n_positions)
     comm.Barrier()
     t1 = time.perf_counter()
-    dxpl = h5p.create(h5p.DATASET_XFER)
-    dxpl.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
+    dxpl = collective_dxpl()
     p = counted.position
     cut = np.flatnonzero(np.diff(p) != 1) + 1
     starts, stops = np.r_[p[:1], p[cut]], np.r_[p[cut - 1] + 1, p[-1:] + 1]   # runs of positions
 
-    def write(dset, data, first, counts):
-        fspace = dset.id.get_space()
-        fspace.select_none()
-        for a, c in zip(first, counts):
-            if c:
-                fspace.select_hyperslab((int(a),), (int(c),), op=h5s.SELECT_OR)
-        data = np.ascontiguousarray(data, dset.dtype)
-        mspace = h5s.create_simple((max(len(data), 1),))
-        if not len(data):
-            mspace.select_none()
-            data = np.zeros(1, dset.dtype)
-        dset.id.write(mspace, fspace, data, dxpl=dxpl)
-
     with h5py.File(path, "r+", driver="mpio", comm=comm) as f:
         g = f[GROUP]
-        write(g["events"], counted.events, offsets[starts], offsets[stops] - offsets[starts])
-        write(g["offsets"], offsets[p], starts, stops - starts)
-        write(g["frame_number"], counted.frame_number, starts, stops - starts)
-        write(g["position"], p.astype(np.uint64), starts, stops - starts)
-        write(g["sector_mask"], counted.mask, starts, stops - starts)
+        write_runs(g["events"], counted.events, offsets[starts], offsets[stops] - offsets[starts], dxpl)
+        for name, data in (("offsets", offsets[p]), ("frame_number", counted.frame_number),
+                           ("position", p.astype(np.uint64)), ("sector_mask", counted.mask)):
+            write_runs(g[name], data, starts, stops - starts, dxpl)
     return sizes + time.perf_counter() - t1
 
 

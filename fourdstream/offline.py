@@ -71,10 +71,10 @@ def count_raw_scan(scan: RawScan, counting: ScanCounting, *, chunk: int = DEFAUL
         batch = scan.read(index)
         return counting.count(batch.frames, batch.frame_number, batch.position, batch.mask)
 
-    size = counting.options.batch_size
+    batch_size = counting.options.batch_size
     with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="fourdstream-count") as pool:
-        for start in range(0, len(mine), size):
-            in_flight.append(pool.submit(read_and_count, mine[start:start + size]))
+        for start in range(0, len(mine), batch_size):
+            in_flight.append(pool.submit(read_and_count, mine[start:start + batch_size]))
             if len(in_flight) > threads:
                 collect()
         while in_flight:

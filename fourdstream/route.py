@@ -44,13 +44,6 @@ def owner(position, n_ranks: int, chunk: int = DEFAULT_CHUNK):
     return (position // chunk) % n_ranks
 
 
-def owned_positions(rank: int, n_positions: int, n_ranks: int, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
-    """Positions (ascending int64) that :func:`owner` gives to ``rank``."""
-    starts = np.arange(rank * chunk, n_positions, n_ranks * chunk, dtype=np.int64)
-    positions = (starts[:, None] + np.arange(chunk, dtype=np.int64)).ravel()
-    return positions[positions < n_positions]
-
-
 def slab_bounds(n_positions: int, n_ranks: int) -> np.ndarray:
     """Bounds (n_ranks + 1,) of the contiguous position slabs the ranks write.
 

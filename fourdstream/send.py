@@ -97,8 +97,7 @@ class Router:
         message = wire.encode_control("begin", scan=scan, sender=self.sender, width=geometry.width,
                                       height=geometry.height,
                                       frames_per_position=geometry.frames_per_position,
-                                      flyback=geometry.flyback, frames=geometry.n_frames,
-                                      chunk=self.chunk)
+                                      flyback=geometry.flyback, frames=geometry.n_frames)
         deadline = self._control_deadline()
         for rank in range(self.n_ranks):
             self._deliver(rank, [message], deadline)

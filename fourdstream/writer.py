@@ -308,33 +308,45 @@ def _slab_arrays(slab: _Slab, event_base: int, last: bool) -> dict:
             "sector_mask": (s, slab.mask)}
 
 
-def _write_collective(tmp: Path, slab: _Slab, event_base, comm) -> None:
-    import h5py
-    from h5py import h5fd, h5p, h5s
+def collective_dxpl():
+    """Transfer property list for collective MPI-IO writes."""
+    from h5py import h5fd, h5p
 
     dxpl = h5p.create(h5p.DATASET_XFER)
     dxpl.set_dxpl_mpio(h5fd.MPIO_COLLECTIVE)
+    return dxpl
 
-    def write(dset, start, data):
-        data = np.ascontiguousarray(data, dtype=dset.dtype)
-        fspace = dset.id.get_space()
-        if len(data):
-            fspace.select_hyperslab((start,), (len(data),))
-            mspace = h5s.create_simple((len(data),))
-        else:   # an empty selection still takes part in the collective call
-            fspace.select_none()
-            mspace = h5s.create_simple((1,))
-            mspace.select_none()
-            data = np.zeros(1, dset.dtype)
-        dset.id.write(mspace, fspace, data, dxpl=dxpl)
 
+def write_runs(dset, data, starts, counts, dxpl) -> None:
+    """Write ``data`` into the runs ``[starts[i], starts[i] + counts[i])`` of a 1-D dataset, in
+    one collective call. A rank with nothing to write still takes part, with an empty
+    selection (an empty h5py slice would skip the call and hang the other ranks)."""
+    from h5py import h5s
+
+    data = np.ascontiguousarray(data, dtype=dset.dtype)
+    fspace = dset.id.get_space()
+    fspace.select_none()
+    for start, count in zip(starts, counts):
+        if count:
+            fspace.select_hyperslab((int(start),), (int(count),), op=h5s.SELECT_OR)
+    mspace = h5s.create_simple((max(len(data), 1),))
+    if not len(data):
+        mspace.select_none()
+        data = np.zeros(1, dset.dtype)
+    dset.id.write(mspace, fspace, data, dxpl=dxpl)
+
+
+def _write_collective(tmp: Path, slab: _Slab, event_base, comm) -> None:
+    import h5py
+
+    dxpl = collective_dxpl()
     f = _agree(comm, lambda: h5py.File(tmp, "r+", driver="mpio", comm=comm))
     try:
         arrays = _slab_arrays(slab, event_base, comm.rank == comm.size - 1)
         for name, (start, data) in arrays.items():
             dset = f[GROUP][name]
             if dset.shape[0]:   # a zero-size dataset has no storage (same on every rank)
-                _agree(comm, lambda: write(dset, start, data))
+                _agree(comm, lambda: write_runs(dset, data, [start], [len(data)], dxpl))
     finally:
         _agree(comm, f.close)
 

@@ -87,22 +87,23 @@ class ScanWriter:
         comm = self.comm
         counted = share.result()
         share.counted = [counted]      # the batches' own arrays can go
-        failures = [f for f in comm.allgather(share.failed) if f]
-        ledger = Ledger()
-        for part in comm.allgather(share.ledger):
-            ledger.add(part)
-        if failures:
-            self.log(f"scan {share.scan}: NOT written: {failures[0]}")
-            return None
-        calibration = next(c for c in comm.allgather(share.counting.calibration) if c is not None)
-        geometry = next(g for g, by in comm.allgather((share.geometry, share.closed_by))
-                        if by != "nothing received")
-        ranks = comm.allgather({"first_message": share.first_message,
+        ranks = comm.allgather({"failed": share.failed, "ledger": share.ledger,
+                                "calibration": share.counting.calibration,
+                                "geometry": share.geometry, "first_message": share.first_message,
                                 "last_message": share.last_message, "last_send": share.last_send,
                                 "first_send": share.first_send, "closed_by": share.closed_by,
                                 "arrivals": dict(share.arrivals), "busy": share.busy,
                                 "events": counted.n_events, "counted_at": share.counted_at,
                                 "handed_at": share.handed_at, "write_started": started})
+        failures = [r["failed"] for r in ranks if r["failed"]]
+        ledger = Ledger()
+        for r in ranks:
+            ledger.add(r["ledger"])
+        if failures:
+            self.log(f"scan {share.scan}: NOT written: {failures[0]}")
+            return None
+        calibration = next(r["calibration"] for r in ranks if r["calibration"] is not None)
+        geometry = next(r["geometry"] for r in ranks if r["closed_by"] != "nothing received")
         heard = [r for r in ranks if r["arrivals"]] or ranks
         timings = {"first_send": min(min(r["first_send"] for r in ranks),
                                      min(r["first_message"] for r in heard)),
@@ -142,7 +143,6 @@ class ScanWriter:
                        calibrated=bool(calibration.threshold_calculated),
                        rank_concurrency=provenance["rank_concurrency"],
                        activity=_activity([r["arrivals"] for r in ranks], [r["busy"] for r in ranks]),
-                       rank_seconds=[r["last_message"] - r["first_message"] for r in ranks],
                        peak_rss_mb=comm.allgather(peak_rss_mb()),
                        memory_bound_mb=self.memory_bound(max(r["events"] for r in ranks))
                        if self.memory_bound else None)
