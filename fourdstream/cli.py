@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, config
 from .detector import ScanGeometry, parse_scan_size
 from .route import DEFAULT_CHUNK
 
@@ -67,6 +67,10 @@ def main():
     scan that stempy opens (SparseArray.from_hdf5). Run a command with --help
     for its options, units and defaults.
     """
+
+
+#: ``--config FILE`` (a deployment's TOML file; see :mod:`fourdstream.config`).
+config_option = config.option(lambda: main.commands)
 
 
 def _summary(title: str, rows: dict) -> None:
@@ -180,6 +184,7 @@ def simulate(outdir, scan, dose, seed, frames_per_position, flyback, pattern, sc
 
 # -- count ------------------------------------------------------------------------
 @main.command()
+@config_option
 @click.argument("raw", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Counted HDF5 file (stempy version-3 layout + fourdstream's own).")
@@ -386,6 +391,7 @@ def _report_sender_totals(label: str, totals: dict, gone: str | None) -> None:
 
 
 @main.command()
+@config_option
 @click.option("--module", type=click.IntRange(0, 3), required=True, help="Detector module (sector) 0-3.")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="Sending threads for this module (frames dealt round-robin).")
@@ -469,7 +475,9 @@ def send(module, threads, scan, replay, dose, seed, frames_per_position, flyback
 receiver_endpoint_options = _option_group(
         click.option("--listen", default=None,
                      help="Ranks bind tcp://HOST:PORT (rank r, module m at PORT+4r+m; PORT may be "
-                          "* for free ports). Default tcp://127.0.0.1:* when --connect is not given."),
+                          "* for free ports; HOST may be an interface, e.g. hsn0: each rank binds "
+                          "its own node's address on it). Default tcp://127.0.0.1:* when --connect "
+                          "is not given."),
         click.option("--connect", multiple=True,
                      help="Senders bind: the 4 module senders' tcp://HOST:PORT, in module order "
                           "(repeat 4 times); rank r connects to PORT+r of each."),
@@ -481,6 +489,7 @@ receiver_endpoint_options = _option_group(
 
 
 @main.command()
+@config_option
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Folder for the counted files, one scanNNNNNNNNNN.h5 per scan.")
 @receiver_endpoint_options
@@ -583,6 +592,7 @@ def _thresholds_from_file(path) -> tuple[float, float]:
 
 
 @main.command()
+@config_option
 @click.option("--producers", "producer_listen", multiple=True, default=["tcp://*:5555"],
               show_default=True, help="Bind these PULL endpoints for the DAQ producers (repeatable).")
 @click.option("--frames-per-position", type=int, default=1, show_default=True)
@@ -681,6 +691,33 @@ def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
 
 # -- bench ------------------------------------------------------------------------
 @main.command()
+@click.argument("config_file", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.option("--bench", "bench_file", type=click.Path(dir_okay=False), default=None,
+              help="Harness results (JSON lines; the last record is used). Default: "
+                   "./fourdstream-bench.jsonl, else ./benchmarks/results.jsonl.")
+def plan(config_file, bench_file):
+    """Print the deployment CONFIG implies, without starting anything.
+
+    Which rank runs on which node and binds what (srun's block placement), the
+    positions each rank owns in the first second of a scan, the load per rank and
+    per node's network at the detector's rate, and whether the rates the harness
+    measured meet it (and with how many nodes they would). CONFIG's [cluster] table
+    holds nodes, ranks_per_node, cores_per_node, network_gbit_per_node, frame_rate,
+    scan and node_names; [receive] listen and chunk are read too.
+    """
+    from .plan import Deployment, latest_record, report
+
+    data = config.load(config_file)
+    config.validate(data, config_file, {n: c for n, c in main.commands.items()})
+    deployment = Deployment.from_config(data, config_file)
+    candidates = [bench_file] if bench_file else ["fourdstream-bench.jsonl", "benchmarks/results.jsonl"]
+    if bench_file and not Path(bench_file).exists():
+        raise click.BadParameter(f"{bench_file} does not exist", param_hint="--bench")
+    found = next((c for c in candidates if Path(c).exists()), None)
+    click.echo(report(deployment, latest_record(found) if found else None, found or ""))
+
+
+@main.command()
 @click.option("--quick", is_flag=True, help="Small sizes: about 3 minutes on 2 cores.")
 @click.option("--json", "json_path", default="fourdstream-bench.jsonl", show_default=True,
               type=click.Path(dir_okay=False), help="Append the run's record (one JSON line) here.")
@@ -695,7 +732,9 @@ def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
 @click.option("--repeats", type=int, default=None, help="Repeats per figure (after one warm-up).")
 @click.option("--cores-per-node", type=int, default=128, show_default=True,
               help="For the sizing: cores per node (128 on a Perlmutter CPU node).")
-def bench(quick, json_path, compare, plot, stages, repeats, cores_per_node):
+@click.option("--network-gbit-per-node", type=float, default=200.0, show_default=True,
+              help="For the sizing: network into one node, Gbit/s (Perlmutter: one 200 Gbit/s NIC).")
+def bench(quick, json_path, compare, plot, stages, repeats, cores_per_node, network_gbit_per_node):
     """Benchmark every stage against a ceiling measured in the same run.
 
     Prints a table (rates, ceilings, ratios; counting in frames/s per core,
@@ -713,6 +752,7 @@ def bench(quick, json_path, compare, plot, stages, repeats, cores_per_node):
         raise click.UsageError(f"unknown stages {sorted(unknown)}; choose from {harness.STAGES}")
     cfg = harness.QUICK if quick else harness.FULL
     cfg = dataclasses.replace(cfg, cores_per_node=cores_per_node,
+                              network_gbit_per_node=network_gbit_per_node,
                               **({"repeats": repeats} if repeats else {}))
     t0 = time.perf_counter()
     record = harness.run(cfg, chosen, log=lambda m: click.echo(f"  {m}", err=True))

@@ -12,20 +12,56 @@ import shutil
 import sys
 
 
-def mpiexec_command(n: int, argv: list[str]) -> list[str]:
-    """``mpiexec -n N argv...`` (use with :func:`mpi_environment`).
-
-    ``FOURDSTREAM_MPIEXEC`` replaces the launcher, e.g. ``srun`` or ``srun --cpu-bind=cores``
-    inside a Slurm allocation (Cray MPICH has no mpiexec).
-    """
-    launcher = os.environ.get("FOURDSTREAM_MPIEXEC")
-    if launcher:
-        return [*shlex.split(launcher), "-n", str(n), *argv]
+def launcher() -> list[str]:
+    """The command that starts MPI jobs: ``FOURDSTREAM_MPIEXEC`` if set (e.g. ``srun`` or
+    ``srun --mpi=pmix --overlap`` inside a Slurm allocation; Cray MPICH has no mpiexec),
+    else Open MPI's ``mpiexec``."""
+    custom = os.environ.get("FOURDSTREAM_MPIEXEC")
+    if custom:
+        return shlex.split(custom)
     exe = shutil.which("mpiexec") or shutil.which("mpirun")
     if exe is None:
         raise RuntimeError("mpiexec not found: install Open MPI (scripts/setup.sh does) or set "
                            "FOURDSTREAM_MPIEXEC to your cluster's launcher (e.g. srun)")
-    return [exe, "-n", str(n), *argv]
+    return [exe]
+
+
+def mpiexec_command(n: int, argv: list[str]) -> list[str]:
+    """``LAUNCHER -n N argv...`` (see :func:`launcher`; use with :func:`mpi_environment`)."""
+    return [*launcher(), "-n", str(n), *argv]
+
+
+def mpi_library() -> str:
+    """The MPI library mpi4py is built against (first line of ``MPI_Get_library_version``),
+    read without initialising MPI."""
+    import mpi4py
+
+    mpi4py.rc.initialize = False
+    from mpi4py import MPI
+
+    return MPI.Get_library_version().strip().splitlines()[0]
+
+
+def srun_mpi_plugin(library: str | None = None) -> str:
+    """The ``srun --mpi=`` plugin that starts ranks of ``library`` (default: mpi4py's MPI).
+
+    Slurm's default plugin is a per-site setting (``MpiDefault``, ``none`` on a default
+    install), and with the wrong one every rank of Open MPI dies in ``MPI_Init``. Open MPI
+    (4.x and later) is started through PMIx; MPICH and its derivatives (Intel MPI, MVAPICH)
+    through PMI-2; Cray MPICH by the site's own default (``cray_shasta`` on Perlmutter), for
+    which this returns ``""`` (keep the site's default). ``FOURDSTREAM_SRUN_MPI`` overrides.
+    """
+    override = os.environ.get("FOURDSTREAM_SRUN_MPI")
+    if override is not None:
+        return override
+    library = mpi_library() if library is None else library
+    if library.startswith("Open MPI"):
+        return "pmix"
+    if "CRAY MPICH" in library.upper():
+        return ""
+    if any(name in library for name in ("MPICH", "Intel(R) MPI", "MVAPICH")):
+        return "pmi2"
+    return ""
 
 
 def cores_per_rank(comm) -> int:
@@ -55,3 +91,9 @@ def mpi_environment(env: dict | None = None) -> dict:
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")  # containers lack CMA
     env.setdefault("OMPI_MCA_hwloc_base_binding_policy", "none")  # oversubscribed: don't pin
     return env
+
+
+if __name__ == "__main__":   # used by jobs/*.sbatch: srun ${plugin:+--mpi=$plugin}
+    if sys.argv[1:] != ["srun-mpi"]:
+        sys.exit("usage: python -m fourdstream.launch srun-mpi")
+    print(srun_mpi_plugin())

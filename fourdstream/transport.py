@@ -17,6 +17,9 @@ bind:
   (``receive --connect`` lists the senders in module order).
 
 An endpoint spec is ``tcp://HOST:PORT``; :func:`expand` turns it into addresses.
+``HOST`` may be an interface name (``tcp://hsn0:6000``): each rank then binds the
+address of that interface on its own node, and the endpoints file carries that
+address (with ``*`` it carries the host name).
 """
 
 from __future__ import annotations

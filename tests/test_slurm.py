@@ -1,0 +1,192 @@
+"""The job scripts in ``jobs/`` under a real Slurm: a throwaway two-node cluster on this
+machine (``tests/slurm_cluster.py``), submitted to with ``sbatch`` exactly as a user does.
+
+The fake nodes share one host, so Open MPI is kept off shared memory between them
+(``OMPI_MCA_btl=self,tcp``): its shared-memory transport crashes between ranks that
+believe they are on different nodes. A real cluster needs nothing of the kind.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fourdstream.detector import ScanGeometry, parse_scan_size
+from fourdstream.io import open_counted
+from fourdstream.simulate import Simulator, write_scan
+from slurm_cluster import SlurmCluster, missing
+from test_streaming import SCAN, SEED, offline, offline_calibration, simulated
+
+JOBS = Path(__file__).parent.parent / "jobs"
+pytestmark = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2) as c:
+        yield c
+        leftover = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=c.env, capture_output=True,
+                                  text=True).stdout.strip()
+    assert not _processes("fourdstream"), "a job left processes behind"
+    assert not leftover or "COMPLETING" in leftover, leftover
+
+
+def _processes(text: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pytest" not in line and "pgrep" not in line]
+
+
+def _job_env(cluster) -> dict:
+    return dict(cluster.env, FOURDSTREAM_ENV=sys.prefix, OMPI_MCA_btl="self,tcp",
+                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+
+def _submit(cluster, script, *args, nodes, tasks_per_node, log, env=None):
+    options = [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
+               f"--output={log}", "--time=00:10:00"]
+    out = subprocess.run(["sbatch", "--parsable", "--partition=test", *options, str(JOBS / script),
+                          *map(str, args)], env={**_job_env(cluster), **(env or {})},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip().split(";")[0])
+
+
+def _finished(cluster, job, log, timeout, expect="COMPLETED"):
+    state = cluster.wait(job, timeout)
+    text = Path(log).read_text() if Path(log).exists() else "(no job output)"
+    assert state == expect, f"job {job} {state}, exit {cluster.exit_code(job)}:\n{text}\n{cluster.logs()}"
+    return text
+
+
+def test_the_scripts_choose_the_mpi_plugin_of_mpi4py_and_slurm_default_is_none(cluster):
+    from fourdstream.launch import srun_mpi_plugin
+
+    assert "MpiDefault=none" in cluster.conf.read_text()
+    assert srun_mpi_plugin() == "pmix"        # the Open MPI that the set-up installs
+    for script in JOBS.glob("*.sbatch"):
+        text = script.read_text()
+        assert "python -m fourdstream.launch srun-mpi" in text, script
+        assert "srun ${PLUGIN:+--mpi=$PLUGIN}" in text, script
+
+
+def test_count_sbatch_on_two_nodes_writes_the_same_file_as_fourdstream_count(cluster, tmp_path):
+    g = ScanGeometry.from_probe_grid(*parse_scan_size(SCAN))
+    raw = tmp_path / "raw"
+    write_scan(Simulator(g, dose=150, seed=SEED, pattern="disc"), raw, scan_number=7, n_dst=2,
+               frames_per_file=30)
+    reference = tmp_path / "reference.h5"
+    proc = subprocess.run([sys.executable, "-m", "fourdstream", "count", str(raw), "-o", str(reference)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out, log = tmp_path / "job.h5", tmp_path / "count.log"
+    job = _submit(cluster, "count.sbatch", raw, out, nodes=2, tasks_per_node=1, log=log)
+    _finished(cluster, job, log, timeout=180)
+    a, b = open_counted(out), open_counted(reference)
+    assert a.metadata["fourdstream"]["ranks"] == 2 and b.metadata["fourdstream"]["ranks"] == 1
+    for name in ("events", "offsets", "frame_number", "sector_mask", "position"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.scan_shape == b.scan_shape
+    for key in ("background_threshold", "x_ray_threshold"):
+        assert a.metadata["electron_counting"][key] == b.metadata["electron_counting"][key], key
+
+
+def test_stream_sbatch_two_nodes_two_scans_from_senders_outside_then_scancel(cluster, tmp_path):
+    """One configuration file for the job (via FOURDSTREAM_CONFIG, which sbatch passes on) and
+    for the senders outside it (--config); 2 nodes x 2 ranks."""
+    out, log = tmp_path / "session", tmp_path / "stream.log"
+    site = tmp_path / "site.toml"
+    site.write_text(f"""timeout = 20.0
+[receive]
+output = "session"
+listen = "tcp://*:{_free_port_block(4 * 4)}"
+endpoints_file = "session/endpoints.json"
+summary_json = "session/session.json"
+[send]
+endpoints_file = "session/endpoints.json"
+simulate = "{SCAN}"
+seed = {SEED}
+pool_frames = 0
+scans = 2
+""")
+    job = _submit(cluster, "stream.sbatch", nodes=2, tasks_per_node=2, log=log,
+                  env={"FOURDSTREAM_CONFIG": str(site)})
+    endpoints = out / "endpoints.json"
+    deadline = time.monotonic() + 120
+    while not endpoints.exists():
+        assert cluster.state(job) in ("PENDING", "CONFIGURING", "RUNNING"), Path(log).read_text()
+        assert time.monotonic() < deadline, "no endpoints file from the job"
+        time.sleep(0.2)
+    senders = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--config", str(site),
+                                 "--module", str(m)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for m in range(4)]
+    try:
+        for p in senders:
+            assert p.wait(timeout=120) == 0, p.communicate()[0]
+        files = [out / f"scan{n:010d}.h5" for n in (1, 2)]
+        deadline = time.monotonic() + 60
+        while not all(f.exists() for f in files):
+            assert time.monotonic() < deadline, f"scans not written:\n{Path(log).read_text()}"
+            time.sleep(0.2)
+    finally:
+        for p in senders:
+            p.kill()
+        cluster.scancel(job)
+    text = _finished(cluster, job, log, timeout=60, expect="CANCELLED")
+    assert "session: 2 scan(s) written" in text, text   # printed on the way out: a clean end
+    assert len(json.loads((out / "session.json").read_text())) == 2
+
+    frames = simulated()
+    cal = offline_calibration(frames)
+    events, offsets = offline(frames, cal.background_threshold, cal.x_ray_threshold)
+    for f in files:
+        scan = open_counted(f)
+        assert scan.metadata["fourdstream"]["ranks"] == 4
+        assert scan.sector_mask.all() and len(scan.frame_number) == len(frames)
+        assert np.array_equal(scan.offsets, offsets) and np.array_equal(scan.events, events), f
+
+
+def _free_port_block(n: int) -> int:
+    """A base port with ``n`` free ports above it."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65000:
+            continue
+        try:
+            socks = []
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("0.0.0.0", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def test_bench_sbatch_quick_reports_every_stage_with_ranks_started_by_srun(cluster, tmp_path):
+    """The harness inside an allocation starts its MPI jobs with srun (FOURDSTREAM_MPIEXEC
+    from the script, with the plugin chosen for mpi4py's MPI)."""
+    from fourdstream.bench import DEFAULT_STAGES
+
+    results, log = tmp_path / "bench.jsonl", tmp_path / "bench.log"
+    job = _submit(cluster, "bench.sbatch", results, "--quick", nodes=1, tasks_per_node=4, log=log)
+    text = _finished(cluster, job, log, timeout=900)
+    record = json.loads(results.read_text().splitlines()[-1])
+    assert record["machine"]["launcher"].startswith("srun --mpi=pmix"), record["machine"]
+    assert set(record["stages"]) == set(DEFAULT_STAGES)
+    assert record["stages"]["scaling"]["ranks"].keys() == {"1", "2", "4"}
+    assert all(r["complete"] == r["frames"] for r in record["stages"]["scaling"]["ranks"].values())
+    assert "nodes needed" in text and f"record appended to {results}" in text
