@@ -273,36 +273,48 @@ def bench_count_command(cfg: Config, folder: Path, log) -> dict:
     return out
 
 
-def bench_transport(cfg: Config, log) -> dict:
+def bench_transport(cfg: Config, folder: Path, log) -> dict:
+    from .security import make_keys
+
     n = cfg.transport_frames
-    log(f"transport: 4 senders -> 4 sockets of one rank, {n} frames ({4 * n} messages)")
-    raw, ours = [], []
-    for _ in range(cfg.repeats + 1):     # the first pair is the warm-up
+    log(f"transport: 4 senders -> 4 sockets of one rank, {n} frames ({4 * n} messages), "
+        f"plain and with CURVE")
+    keys = folder / "curve-keys"
+    make_keys(keys)
+    raw, ours, curve = [], [], []
+    for _ in range(cfg.repeats + 1):     # the first round is the warm-up
         raw.append(_transport_once(n, raw=True))
         ours.append(_transport_once(n, raw=False))
-    raw, ours = raw[1:], ours[1:]
+        curve.append(_transport_once(n, raw=False, keys=keys))
+    raw, ours, curve = raw[1:], ours[1:], curve[1:]
     fps = lambda secs: _stats(n / s for s in secs)
     gbps = lambda secs: _stats(4 * n * SECTOR_BYTES / s / 1e9 for s in secs)
     out = {"frames": n, "raw_pyzmq_fps": fps(raw), "raw_pyzmq_gbps": gbps(raw),
-           "fourdstream_fps": fps(ours), "fourdstream_gbps": gbps(ours)}
+           "fourdstream_fps": fps(ours), "fourdstream_gbps": gbps(ours),
+           "curve_fps": fps(curve), "curve_gbps": gbps(curve)}
     out["ratio"] = out["fourdstream_fps"]["median"] / out["raw_pyzmq_fps"]["median"]
+    out["curve_cost"] = 1 - out["curve_fps"]["median"] / out["fourdstream_fps"]["median"]
     return out
 
 
-def _transport_once(n: int, raw: bool) -> float:
-    """Seconds from the first to the last of 4n sector messages at one consumer."""
+def _transport_once(n: int, raw: bool, keys: Path | None = None) -> float:
+    """Seconds from the first to the last of 4n sector messages at one consumer (with
+    ``keys``: CURVE-encrypted and authenticated, as ``--curve-keys`` does)."""
     import zmq
 
+    from . import security, wire
     from .assembly import FramePool, ScanShare
     from .detector import ScanGeometry
-    from . import wire
 
     base = _free_port_block(4)
     ctx = zmq.Context()
+    auth = security.start_authenticator(ctx, security.receiver_keys(keys)) if keys else None
     socks = []
     for m in range(4):
         s = ctx.socket(zmq.PULL)
         s.setsockopt(zmq.RCVHWM, 100)
+        if keys:
+            security.as_server(s, security.receiver_keys(keys))
         s.bind(f"tcp://127.0.0.1:{base + m}")
         socks.append(s)
     width = max(int(np.ceil(np.sqrt(n))), 1)
@@ -312,7 +324,8 @@ def _transport_once(n: int, raw: bool) -> float:
     else:
         procs = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--module", str(m),
                                    "--simulate", f"{width}x{height}", "--no-flyback", "--pool-frames", "64",
-                                   "--connect", f"tcp://127.0.0.1:{base}", "--ranks", "1"],
+                                   "--connect", f"tcp://127.0.0.1:{base}", "--ranks", "1",
+                                   *(["--curve-keys", str(keys)] if keys else [])],
                                   stdout=subprocess.DEVNULL) for m in range(4)]
     pool = FramePool(256)
     share = ScanShare(1, ScanGeometry(width, height), pool)
@@ -345,6 +358,8 @@ def _transport_once(n: int, raw: bool) -> float:
         p.wait(timeout=60)
     for s in socks:
         s.close(linger=0)
+    if auth:
+        auth.stop()
     ctx.term()
     if received < expected:
         raise RuntimeError(f"transport benchmark: {received} of {expected} messages arrived")
@@ -540,7 +555,7 @@ def run(cfg: Config, stages=DEFAULT_STAGES, log=print) -> dict:
         if "count_command" in stages:
             record["stages"]["count_command"] = bench_count_command(cfg, folder, log)
         if "transport" in stages:
-            record["stages"]["transport"] = bench_transport(cfg, log)
+            record["stages"]["transport"] = bench_transport(cfg, folder, log)
         if "write" in stages:
             record["stages"]["write"] = bench_write(cfg, folder, log)
         if "end_to_end" in stages:
@@ -604,6 +619,9 @@ def table(record: dict) -> str:
         row("transport 4 senders -> rank", f"{med(t['fourdstream_fps']):,.0f} frames/s "
             f"({med(t['fourdstream_gbps']):.2f} GB/s)", f"raw pyzmq {med(t['raw_pyzmq_fps']):,.0f} "
             f"frames/s ({med(t['raw_pyzmq_gbps']):.2f} GB/s)", bounded(t['ratio']))
+        row("  with CURVE (--curve-keys)", f"{med(t['curve_fps']):,.0f} frames/s "
+            f"({med(t['curve_gbps']):.2f} GB/s)", f"plain {med(t['fourdstream_fps']):,.0f} frames/s",
+            f"cost {t['curve_cost']:.0%}")
     if "write" in st:
         w = st["write"]
         for n, r in w["ranks"].items():

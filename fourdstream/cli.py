@@ -374,7 +374,20 @@ sender_endpoint_options = _option_group(
         click.option("--chunk", type=int, default=None,
                      help="Routing: positions per chunk dealt round-robin to the ranks. Default: what "
                           f"the ranks announce in --endpoints-file, else {DEFAULT_CHUNK}."),
+        click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="Encrypt and authenticate with ZeroMQ CURVE using the keys in this folder "
+                          "(made by `fourdstream keys DIR`)."),
 )
+
+
+def _sender_keys(folder):
+    from .security import sender_keys
+
+    return sender_keys(folder) if folder else None
+
+
+def _warn(message: str) -> None:
+    click.echo(message, err=True)
 
 
 def _report_sender_totals(label: str, totals: dict, gone: str | None) -> None:
@@ -415,7 +428,7 @@ def _report_sender_totals(label: str, totals: dict, gone: str | None) -> None:
 @sender_endpoint_options
 def send(module, threads, scan, replay, dose, seed, frames_per_position, flyback, pattern, pool_frames,
          scans, scan_number, rate, start_at, endpoints_file, connect, listen, ranks, hwm, send_timeout,
-         chunk):
+         chunk, curve_keys):
     """Stream one module's sectors to the receiver ranks (one DAQ server's job).
 
     Every sector goes, as a 2-part NCEM message (msgpack header + 165,888-byte
@@ -436,6 +449,7 @@ def send(module, threads, scan, replay, dose, seed, frames_per_position, flyback
         raise click.UsageError("give either --simulate WIDTHxHEIGHT or --replay PATH")
     if listen and threads > 1:
         raise click.UsageError("--threads > 1 needs the ranks to bind (--endpoints-file or --connect)")
+    keys = _sender_keys(curve_keys)
     ctx = zmq.Context()
     results, gone = [None] * threads, [None] * threads
 
@@ -448,7 +462,8 @@ def send(module, threads, scan, replay, dose, seed, frames_per_position, flyback
         else:
             source = ReplaySource(replay, module, threads=threads, thread=t)
         sockets, announced = sender_sockets(ctx, module, endpoints_file=endpoints_file, connect=connect,
-                                            listen=listen, ranks=ranks, hwm=hwm, send_timeout=send_timeout)
+                                            listen=listen, ranks=ranks, hwm=hwm, send_timeout=send_timeout,
+                                            keys=keys, say=_warn)
         router = Router(sockets, sender=f"{module}.{t}", chunk=chunk or announced or DEFAULT_CHUNK,
                         send_timeout=send_timeout)
         try:
@@ -485,6 +500,9 @@ receiver_endpoint_options = _option_group(
                      help="Rank 0 writes the ranks' bound addresses here for the senders."),
         click.option("--advertise", default=None,
                      help="Host name senders should use (default: the bind address or this host's name)."),
+        click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="Encrypt and authenticate with ZeroMQ CURVE using the keys in this folder; only senders whose public key is in DIR/allowed get in, refusals are counted "
+                          "(made by `fourdstream keys DIR`)."),
 )
 
 
@@ -514,12 +532,13 @@ receiver_endpoint_options = _option_group(
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Take fixed thresholds from a counted file's metadata.")
 @click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
-              help="Rank 0 writes the per-scan summaries here at exit.")
+              help="Rank 0 writes the per-scan summaries here at exit (JSON list; a scan that "
+                   "could not be written is {\"scan\": N, \"failed\": REASON}).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing scan files (default: write scanN.1.h5, scanN.2.h5, ...).")
 @counting_options
-def receive(output, listen, connect, endpoints_file, advertise, senders, timeout, window, hwm, threads,
-            chunk, scans, calibration, summary_json, overwrite, **kw):
+def receive(output, listen, connect, endpoints_file, advertise, curve_keys, senders, timeout, window, hwm,
+            threads, chunk, scans, calibration, summary_json, overwrite, **kw):
     """Receiver job: run under mpiexec/srun; serves scan after scan until stopped.
 
     Each rank receives the sectors routed to it (every rank all through a
@@ -546,6 +565,7 @@ def receive(output, listen, connect, endpoints_file, advertise, senders, timeout
     from .launch import cores_per_rank
     from .receive import Receiver, ReceiverOptions
     from .route import check_chunk
+    from .security import HandshakeWatch, receiver_keys, start_authenticator
     from .transport import rank_sockets
 
     comm = MPI.COMM_WORLD
@@ -553,14 +573,18 @@ def receive(output, listen, connect, endpoints_file, advertise, senders, timeout
     def counting_set_up():
         if calibration:
             kw["background_threshold"], kw["xray_threshold"] = _thresholds_from_file(calibration)
-        Path(output).mkdir(parents=True, exist_ok=True)
+        _check_writable(Path(output))
         return make_counting_options(kw)
 
     options = agree(comm, counting_set_up)   # a bad input is one error, not one per rank
+    keys = agree(comm, lambda: receiver_keys(curve_keys)) if curve_keys else None
     ctx = zmq.Context()
+    auth = start_authenticator(ctx, keys) if keys else None
     sockets = rank_sockets(ctx, comm, listen=listen or (None if connect else "tcp://127.0.0.1:*"),
                            connect=list(connect), endpoints_file=endpoints_file, advertise=advertise,
-                           hwm=hwm, chunk=check_chunk(chunk))
+                           hwm=hwm, chunk=check_chunk(chunk), keys=keys, say=_warn)
+    watch = HandshakeWatch(sockets, log=lambda m: click.echo(f"rank {comm.rank}: {m}", err=True)) \
+        if keys else None
     receiver = agree(comm, lambda: Receiver(comm, sockets, options, ReceiverOptions(
         output=output, senders=senders, timeout=timeout, window=window, scans=scans,
         overwrite=overwrite, threads=threads or cores_per_rank(comm), hwm=hwm),
@@ -569,17 +593,43 @@ def receive(output, listen, connect, endpoints_file, advertise, senders, timeout
         click.echo(f"receiving on {comm.size} rank(s), {receiver.template.backend}; "
                    f"files -> {output}")
     summaries = receiver.run()
+    if watch:
+        watch.close()
+    refused = comm.allgather(watch.refused if watch else {})
+    refused = {k: sum(r.get(k, 0) for r in refused) for k in set().union(*refused)}
     for sock in sockets:
         sock.close()
+    if auth:
+        auth.stop()
     ctx.term()
     if comm.rank == 0:
         if summary_json:
             Path(summary_json).write_text(json.dumps(summaries, indent=1))
-        frames = sum(s["frames"] for s in summaries)
-        click.echo(f"session: {len(summaries)} scan(s) written, {frames:,} frames"
+        written = [s for s in summaries if "failed" not in s]
+        failed = [s for s in summaries if "failed" in s]
+        frames = sum(s["frames"] for s in written)
+        click.echo(f"session: {len(written)} scan(s) written, {frames:,} frames"
+                   + (f"; {len(failed)} FAILED (scan " + ", ".join(str(s["scan"]) for s in failed)
+                      + ")" if failed else "")
                    + (f"; {receiver.session.malformed} malformed and {receiver.session.late} late "
                       f"messages outside any open scan" if receiver.session.malformed
-                      or receiver.session.late else ""))
+                      or receiver.session.late else "")
+                   + (f"; {sum(refused.values())} connection(s) refused ("
+                      + ", ".join(f"{k}: {v}" for k, v in sorted(refused.items()) if v) + ")"
+                      if sum(refused.values()) else ""))
+
+
+def _check_writable(folder: Path) -> None:
+    """Make ``folder`` and prove a file can be created there, before any data is taken in."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fourdstream-probe-"):
+            pass
+    except OSError as exc:
+        raise OSError(f"cannot write scan files in {folder}: {exc.strerror}; choose another "
+                      f"--output") from None
 
 
 def _thresholds_from_file(path) -> tuple[float, float]:
@@ -601,7 +651,7 @@ def _thresholds_from_file(path) -> tuple[float, float]:
 @click.option("--scans", type=int, default=0, show_default=True, help="Exit after this many scans.")
 @sender_endpoint_options
 def gateway(producer_listen, frames_per_position, timeout, scans, endpoints_file, connect, listen,
-            ranks, hwm, send_timeout, chunk):
+            ranks, hwm, send_timeout, chunk, curve_keys):
     """Accept messages from unmodified NCEM producers and route them to the ranks.
 
     Producers PUSH 2-part messages (9- or 8-field msgpack header + raw sector) to
@@ -617,6 +667,7 @@ def gateway(producer_listen, frames_per_position, timeout, scans, endpoints_file
     from .send import Router
     from .transport import pull_socket, sender_sockets
 
+    keys = _sender_keys(curve_keys)
     ctx = zmq.Context()
     inbound, _ = pull_socket(ctx, bind=producer_listen[0], connect=[], hwm=hwm)
     for url in producer_listen[1:]:
@@ -624,7 +675,8 @@ def gateway(producer_listen, frames_per_position, timeout, scans, endpoints_file
     routers = []
     for m in range(N_SECTORS):
         sockets, announced = sender_sockets(ctx, m, endpoints_file=endpoints_file, connect=connect,
-                                            listen=listen, ranks=ranks, hwm=hwm, send_timeout=send_timeout)
+                                            listen=listen, ranks=ranks, hwm=hwm, send_timeout=send_timeout,
+                                            keys=keys, say=_warn)
         routers.append(Router(sockets, sender=f"gateway.{m}", chunk=chunk or announced or DEFAULT_CHUNK,
                               send_timeout=send_timeout))
     gw = Gateway(inbound, routers, frames_per_position=frames_per_position, timeout=timeout,
@@ -690,6 +742,28 @@ def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
 
 
 # -- bench ------------------------------------------------------------------------
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace existing keys (senders and ranks using "
+                                                "the old ones stop getting in).")
+def keys(folder, overwrite):
+    """Create CURVE key pairs and an allow-list in FOLDER for --curve-keys.
+
+    \b
+    FOLDER/receiver.key(_secret)  the ranks' pair: copy to the compute side
+    FOLDER/sender.key(_secret)    the senders' and gateways' pair: copy to the DAQ servers
+    FOLDER/allowed/               public keys the ranks accept (add more .key files here)
+    Senders need receiver.key (public) too. Secret keys are written mode 0600.
+    """
+    from .security import make_keys
+
+    made = make_keys(folder, overwrite=overwrite)
+    for name, path in made.items():
+        click.echo(f"{name:<16} {path}")
+    click.echo(f"use: --curve-keys {folder} on receive, send and gateway (or curve_keys in the "
+               f"configuration file)")
+
+
 @main.command()
 @click.argument("config_file", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.option("--bench", "bench_file", type=click.Path(dir_okay=False), default=None,

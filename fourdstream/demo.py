@@ -74,7 +74,7 @@ def run_demo(output: str, *, scan: str = "64x64", ranks: int = 2, dose: float = 
             if p.poll() is None:
                 p.kill()
     summaries = json.loads(summary_file.read_text()) if summary_file.exists() else []
-    if not summaries:
+    if not summaries or "failed" in summaries[0]:
         raise DemoError("the receiver wrote no scan; see its output above")
     return check_whole(dict(summaries[0], wall_seconds=time.time() - t0))
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import zmq
 
+from . import security
 from .collective import CollectiveError
 from .detector import N_SECTORS
 from .route import DEFAULT_CHUNK, check_chunk
@@ -90,8 +91,9 @@ def read_endpoints(path, wait: float = 60.0) -> dict:
 
 
 def push_sockets(ctx: zmq.Context, urls: list[str], *, bind: bool, hwm: int = DEFAULT_HWM,
-                 send_timeout: float = DEFAULT_SEND_TIMEOUT) -> list[zmq.Socket]:
-    """One PUSH socket per rank, bound or connected to ``urls[r]``.
+                 send_timeout: float = DEFAULT_SEND_TIMEOUT, keys=None) -> list[zmq.Socket]:
+    """One PUSH socket per rank, bound or connected to ``urls[r]`` (CURVE clients with
+    ``keys``, see :mod:`fourdstream.security`).
 
     Messages queue only on established connections (``ZMQ_IMMEDIATE``), so a
     rank that is gone blocks its sender at once instead of after ``hwm`` more
@@ -104,20 +106,25 @@ def push_sockets(ctx: zmq.Context, urls: list[str], *, bind: bool, hwm: int = DE
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.IMMEDIATE, 1)
         s.setsockopt(zmq.LINGER, int(send_timeout * 1000))
+        if keys is not None:
+            security.as_client(s, keys)
         (s.bind if bind else s.connect)(url)
         sockets.append(s)
     return sockets
 
 
 def pull_socket(ctx: zmq.Context, *, bind: str | None = None, connect: list[str] = (),
-                hwm: int = DEFAULT_HWM) -> tuple[zmq.Socket, str | None]:
-    """A rank's PULL socket, bound at ``bind`` and/or connected to ``connect``.
+                hwm: int = DEFAULT_HWM, keys=None) -> tuple[zmq.Socket, str | None]:
+    """A rank's PULL socket, bound at ``bind`` and/or connected to ``connect`` (a CURVE
+    server with ``keys``, whichever side binds).
 
     Returns the socket and the address it was bound to (resolved ``*`` port).
     """
     s = ctx.socket(zmq.PULL)
     s.setsockopt(zmq.RCVHWM, hwm)
     s.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        security.as_server(s, keys)
     bound = None
     if bind:
         s.bind(bind)
@@ -129,13 +136,16 @@ def pull_socket(ctx: zmq.Context, *, bind: str | None = None, connect: list[str]
 
 def rank_sockets(ctx: zmq.Context, comm, *, listen: str | None, connect: list[str] = (),
                  endpoints_file=None, advertise: str | None = None, hwm: int = DEFAULT_HWM,
-                 chunk: int = DEFAULT_CHUNK) -> list[zmq.Socket]:
+                 chunk: int = DEFAULT_CHUNK, keys=None, say=print) -> list[zmq.Socket]:
     """This MPI rank's PULL sockets, one per module (collective over ``comm``).
 
     ``listen``: spec the ranks bind; ``connect``: the senders' specs in module
     order (senders bind). Rank 0 writes the bound addresses and the routing
-    ``chunk`` to ``endpoints_file``.
+    ``chunk`` to ``endpoints_file``, and ``say``s a warning if the ranks bind
+    beyond loopback without CURVE ``keys``.
     """
+    if listen and comm.rank == 0:
+        security.warn_if_exposed(listen, keys, say)
     if bool(listen) == bool(connect):
         raise ValueError("give either --listen (ranks bind) or --connect (senders bind)")
     if connect and len(connect) != N_SECTORS:
@@ -146,10 +156,11 @@ def rank_sockets(ctx: zmq.Context, comm, *, listen: str | None, connect: list[st
         for m in range(N_SECTORS):
             if listen:
                 url = expand(listen, comm.size * N_SECTORS)[comm.rank * N_SECTORS + m]
-                sock, address = pull_socket(ctx, bind=url, hwm=hwm)
+                sock, address = pull_socket(ctx, bind=url, hwm=hwm, keys=keys)
                 bound.append(advertised(address, advertise))
             else:
-                sock, _ = pull_socket(ctx, connect=[expand(connect[m], comm.size)[comm.rank]], hwm=hwm)
+                sock, _ = pull_socket(ctx, connect=[expand(connect[m], comm.size)[comm.rank]], hwm=hwm,
+                                      keys=keys)
             sockets.append(sock)
     except zmq.ZMQError as exc:   # e.g. a port in use: every rank must hear of it
         problem = f"rank {comm.rank}: cannot set up its sockets: {exc}"
@@ -166,9 +177,10 @@ def rank_sockets(ctx: zmq.Context, comm, *, listen: str | None, connect: list[st
 
 def sender_sockets(ctx: zmq.Context, module: int, *, endpoints_file=None, connect: str | None = None,
                    listen: str | None = None, ranks: int = 0, hwm: int = DEFAULT_HWM,
-                   send_timeout: float = DEFAULT_SEND_TIMEOUT, wait: float = 60.0
-                   ) -> tuple[list[zmq.Socket], int | None]:
-    """Module ``module``'s PUSH sockets, one per rank, from exactly one endpoint option.
+                   send_timeout: float = DEFAULT_SEND_TIMEOUT, wait: float = 60.0, keys=None,
+                   say=print) -> tuple[list[zmq.Socket], int | None]:
+    """Module ``module``'s PUSH sockets, one per rank, from exactly one endpoint option
+    (CURVE clients with ``keys``; binding beyond loopback without them ``say``s a warning).
 
     Returns the sockets and the routing chunk the ranks announced in the
     endpoints file (None without one).
@@ -186,4 +198,5 @@ def sender_sockets(ctx: zmq.Context, module: int, *, endpoints_file=None, connec
         urls, bind = expand(connect, ranks * N_SECTORS)[module::N_SECTORS], False
     else:
         urls, bind = expand(listen, ranks), True
-    return push_sockets(ctx, urls, bind=bind, hwm=hwm, send_timeout=send_timeout), chunk
+        security.warn_if_exposed(listen, keys, say)
+    return push_sockets(ctx, urls, bind=bind, hwm=hwm, send_timeout=send_timeout, keys=keys), chunk

@@ -18,6 +18,12 @@ can feed fourdstream: a two-part ZeroMQ message,
 * ``end``: ``scan, sender, sent`` (sector messages this sender sent to this rank
   for the scan), ``dropped`` (messages it gave up on), ``first_send`` and
   ``last_send`` (Unix times of its first and last sector of the scan).
+
+Everything a message says is checked here, before a rank acts on it: field types
+and ranges, and the size of the scan it announces (at most :data:`MAX_POSITIONS`
+positions and :data:`MAX_FRAMES` frames), so that no message can make a rank
+allocate more than its configured bounds. Anything else is a
+:class:`MalformedMessage`, which the receiver counts.
 """
 
 from __future__ import annotations
@@ -29,6 +35,16 @@ import msgpack
 from .detector import N_SECTORS, SECTOR_BYTES
 
 CONTROL_TYPES = ("begin", "end")
+
+#: Largest scan a message may announce: 4096 x 4096 positions (the 4D Camera's
+#: largest scans are 1024 x 1024), and at most 2**24 frames in all (the file's
+#: per-frame arrays of such a scan take ~0.5 GB).
+MAX_POSITIONS = 4096 * 4096
+MAX_FRAMES = 2**24
+#: Longest header or control message read (a real one takes < 200 bytes).
+MAX_HEADER_BYTES = 4096
+#: Scan and frame numbers are stored as uint32.
+MAX_NUMBER = 2**32 - 1
 
 
 class MalformedMessage(ValueError):
@@ -69,20 +85,26 @@ def decode(parts):
     raises :class:`MalformedMessage` with the reason (and the scan number if the
     header could be read) for anything else.
     """
+    if not parts:
+        raise MalformedMessage("empty message")
+    first = _bytes(parts[0])
+    if len(first) > MAX_HEADER_BYTES:
+        raise MalformedMessage(f"header of {len(first)} bytes (at most {MAX_HEADER_BYTES})")
     try:
-        head = msgpack.unpackb(_bytes(parts[0]))
+        head = msgpack.unpackb(first, strict_map_key=False)
     except Exception as exc:
         raise MalformedMessage(f"undecodable header ({type(exc).__name__})") from None
     if isinstance(head, dict):
-        if len(parts) != 1 or head.get("type") not in CONTROL_TYPES or "scan" not in head:
-            raise MalformedMessage(f"bad control message {head!r:.80}")
-        return "control", head, None
-    if not isinstance(head, list) or len(head) not in (8, 9) or \
-            not all(isinstance(v, int) and v >= 0 for v in head):
+        return "control", _control(head, len(parts)), None
+    if not isinstance(head, list) or len(head) not in (8, 9) or not all(_uint(v) for v in head):
         raise MalformedMessage(f"header is not 8 or 9 unsigned integers: {head!r:.80}")
     if len(head) == 9:
         del head[2]   # num_frames_this_thread: not needed
     h = SectorHeader(*head)
+    if h.scan > MAX_NUMBER:
+        raise MalformedMessage(f"scan number {h.scan} beyond {MAX_NUMBER}")
+    if h.frame > MAX_NUMBER:
+        raise MalformedMessage(f"frame number {h.frame} beyond {MAX_NUMBER}", h.scan)
     if len(parts) != 2:
         raise MalformedMessage(f"sector message with {len(parts)} parts, expected 2", h.scan)
     size = len(parts[1])
@@ -90,10 +112,53 @@ def decode(parts):
         raise MalformedMessage(f"payload of {size} bytes, expected {SECTOR_BYTES}", h.scan)
     if h.module >= N_SECTORS:
         raise MalformedMessage(f"module {h.module} in header", h.scan)
-    if h.width == 0 or h.height == 0 or h.x >= h.width or h.y >= h.height:
+    _check_size(h.width, h.height, 1, h.scan)
+    if h.x >= h.width or h.y >= h.height:
         raise MalformedMessage(f"position x={h.x} y={h.y} outside a {h.width}x{h.height} scan",
                                h.scan)
     return "data", h, parts[1]
+
+
+def _uint(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) < 1e300
+
+
+def _check_size(width: int, height: int, frames_per_position: int, scan) -> None:
+    """Refuse a scan larger than the receiver's bounds (before anything is allocated)."""
+    if not (1 <= width <= 0xFFFF and 1 <= height <= 0xFFFF):
+        raise MalformedMessage(f"scan size {width}x{height} outside 1..65535", scan)
+    if width * height > MAX_POSITIONS or width * height * frames_per_position > MAX_FRAMES:
+        raise MalformedMessage(f"scan of {width}x{height} positions x {frames_per_position} "
+                               f"frame(s) exceeds the receiver's limit ({MAX_POSITIONS:,} "
+                               f"positions, {MAX_FRAMES:,} frames)", scan)
+
+
+def _control(msg: dict, n_parts: int) -> dict:
+    """Check a control message's fields; the message itself."""
+    scan = msg.get("scan")
+    scan = scan if _uint(scan) and scan <= MAX_NUMBER else None
+    if n_parts != 1 or msg.get("type") not in CONTROL_TYPES or scan is None:
+        raise MalformedMessage(f"bad control message {msg!r:.80}")
+    sender = msg.get("sender")
+    if not (isinstance(sender, str) and len(sender) <= 64 or _uint(sender) and sender <= MAX_NUMBER):
+        raise MalformedMessage(f"control message with sender {sender!r:.40}", scan)
+    if msg["type"] == "begin":
+        fields = ("width", "height", "frames_per_position")
+        if not all(_uint(msg.get(k)) for k in fields) or not isinstance(msg.get("flyback"), bool):
+            raise MalformedMessage(f"begin message with bad geometry {msg!r:.80}", scan)
+        if msg["frames_per_position"] < 1 or msg["flyback"] and msg["width"] < 2:
+            raise MalformedMessage(f"begin message with bad geometry {msg!r:.80}", scan)
+        _check_size(msg["width"], msg["height"], msg["frames_per_position"], scan)
+    else:
+        counts = [msg.get("sent")] + [msg[k] for k in ("dropped", "malformed") if k in msg]
+        times = [msg[k] for k in ("first_send", "last_send") if k in msg]
+        if not all(_uint(v) and v <= MAX_NUMBER for v in counts) or not all(map(_number, times)):
+            raise MalformedMessage(f"end message with bad counts {msg!r:.80}", scan)
+    return msg
 
 
 def _bytes(part):

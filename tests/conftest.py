@@ -17,6 +17,11 @@ from fourdstream.simulate import Simulator, write_scan
 HERE = Path(__file__).parent
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-messages", type=int, default=3000,
+                     help="messages per fuzz test (default 3,000: seconds; more runs longer)")
+
+
 @pytest.fixture(scope="session")
 def small_sim():
     """A 9x6 scan (8x6 probe grid + flyback column), 150 e-/frame."""
@@ -95,6 +100,16 @@ class StreamSession:
 
         self.senders.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                              text=True))
+
+    def signal_rank(self, sig) -> None:
+        """Send ``sig`` to one rank of the job (not to mpiexec), as a scheduler's kill would."""
+        import os
+
+        found = subprocess.run(["pgrep", "-f", f"receive -o {self.out}"], capture_output=True, text=True)
+        ranks = [int(p) for p in found.stdout.split()
+                 if b"mpiexec" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert ranks, "no rank of the receiver job is running"
+        os.kill(ranks[-1], sig)
 
     def wait(self, timeout: float = 120, senders_only: bool = False, sender_status=0):
         """Wait for the senders (and the receiver); returns (exit code, output, summaries).

@@ -39,8 +39,10 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
         assert _is_stats(k[key]), key
     assert k["frames"] == 64 and k["speedup_vs_stempy"] > 0 and k["threads_speedup"] > 0
     t = st["transport"]
-    for key in ("raw_pyzmq_fps", "raw_pyzmq_gbps", "fourdstream_fps", "fourdstream_gbps"):
+    for key in ("raw_pyzmq_fps", "raw_pyzmq_gbps", "fourdstream_fps", "fourdstream_gbps", "curve_fps",
+                "curve_gbps"):
         assert _is_stats(t[key]), key
+    assert t["curve_cost"] < 1
     w = st["write"]
     assert set(w["ranks"]) == {"1", "2"}
     for r in w["ranks"].values():   # the ceiling: the same ranks writing the same bytes raw

@@ -241,11 +241,7 @@ def test_sigterm_writes_the_scan_in_flight_and_exits_0(stream_session):
     while not (s.out / "scan0000000001.h5").exists() and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)        # let scan 2's sectors arrive
-    rank = subprocess.run(["pgrep", "-f", f"receive -o {s.out}"], capture_output=True, text=True)
-    pids = [int(p) for p in rank.stdout.split()]
-    ranks = [p for p in pids if b"mpiexec" not in open(f"/proc/{p}/cmdline", "rb").read()]
-    assert ranks
-    os.kill(ranks[-1], signal.SIGTERM)   # one rank is told; it stops the others
+    s.signal_rank(signal.SIGTERM)        # one rank is told; it stops the others
     rc, output, summaries = s.wait(timeout=60)
     assert rc == 0, output
     assert [x["scan"] for x in summaries] == [1, 2]

@@ -139,7 +139,8 @@ class Receiver:
 
     @property
     def summaries(self) -> list[dict]:
-        """Rank 0: the summary of each written scan."""
+        """Rank 0: the summary of each scan, in order; a scan that could not be written is
+        ``{"scan": N, "failed": reason}``."""
         return self.writer.summaries
 
     def run(self) -> list[dict]:

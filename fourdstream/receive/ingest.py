@@ -158,13 +158,8 @@ class Ingest:
 
     def _control(self, msg: dict) -> None:
         scan = msg["scan"]
-        if msg["type"] == "begin":
-            try:
-                g = ScanGeometry(msg["width"], msg["height"], msg["frames_per_position"],
-                                 bool(msg["flyback"]))
-            except (KeyError, TypeError, ValueError):
-                self.session.malformed += 1
-                return
+        if msg["type"] == "begin":   # fields checked by wire.decode
+            g = ScanGeometry(msg["width"], msg["height"], msg["frames_per_position"], msg["flyback"])
             share = self._open_share(scan, lambda: g)
             if share is not None:
                 share.geometry = g   # the begin message knows frames/position and flyback

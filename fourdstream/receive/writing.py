@@ -66,7 +66,7 @@ class ScanWriter:
         self.comm, self.template, self.options = comm, template, options
         self.memory_bound = memory_bound
         self.log = log if comm.rank == 0 else (lambda *a, **k: None)
-        self.summaries: list[dict] = []    # rank 0: one per written scan
+        self.summaries: list[dict] = []    # rank 0: one per scan handed here, written or failed
         self.queue: queue.Queue = queue.Queue()
 
     def run(self) -> None:
@@ -80,6 +80,12 @@ class ScanWriter:
             if share is None:
                 return
             self.write(share)
+
+    def _failed(self, scan: int, reason: str) -> None:
+        """Record (rank 0) a scan that could not be written: ``{"scan", "failed"}``."""
+        self.log(f"scan {scan}: NOT written: {reason}")
+        if self.comm.rank == 0:
+            self.summaries.append({"scan": scan, "failed": reason})
 
     def write(self, share: ScanShare) -> dict | None:
         """Write one scan collectively; returns rank 0's summary (None if not written)."""
@@ -100,8 +106,7 @@ class ScanWriter:
         for r in ranks:
             ledger.add(r["ledger"])
         if failures:
-            self.log(f"scan {share.scan}: NOT written: {failures[0]}")
-            return None
+            return self._failed(share.scan, failures[0])
         calibration = next(r["calibration"] for r in ranks if r["calibration"] is not None)
         geometry = next(r["geometry"] for r in ranks if r["closed_by"] != "nothing received")
         heard = [r for r in ranks if r["arrivals"]] or ranks
@@ -128,8 +133,7 @@ class ScanWriter:
                                         provenance=provenance, comm=comm,
                                         overwrite=self.options.overwrite, timeline=timeline)
         except WriteError as exc:
-            self.log(f"scan {share.scan}: NOT written: {exc}")
-            return None
+            return self._failed(share.scan, str(exc))
         closed = time.time()
         last_send = timings["last_send"] or timings["last_message"]
         summary = dict(scan=share.scan, path=str(path), frames=provenance["frames_found"],
