@@ -24,4 +24,4 @@ test: setup-test
 	@$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) .venv-py4dstem $(DEMO_DIR) .pytest_cache

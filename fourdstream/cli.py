@@ -8,6 +8,7 @@ traceback); 2 for a usage error.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
@@ -64,7 +65,8 @@ def main():
     """Stream NCEM 4D Camera data into MPI ranks, count electrons, write HDF5.
 
     Frames are 576x576 uint16 in 4 sectors; counted output is one HDF5 file per
-    scan that stempy opens (SparseArray.from_hdf5). Run a command with --help
+    scan that stempy (SparseArray.from_hdf5) and ncempy (ncempy.io.read) open;
+    `fourdstream export` writes it for py4DSTEM and LiberTEM. Run a command with --help
     for its options, units and defaults.
     """
 
@@ -299,9 +301,16 @@ def _print_count_summary(result, report, provenance: dict, seconds: float) -> No
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
-              help="Save the summed-counts (bright-field) image as a PNG.")
+              help="Save one figure: virtual BF, ADF, centre of mass, summed pattern, loss map.")
 def inspect(file, png):
-    """Summarise a counted HDF5 file (fourdstream's or stempy's)."""
+    """Summarise a counted HDF5 file (fourdstream's or stempy's) and its images.
+
+    The images are read from /fourdstream/images where the file has them (fourdstream's),
+    else computed from the events with detectors found from the summed pattern.
+    """
+    import h5py
+
+    from . import images
     from .io import open_counted
 
     scan = open_counted(file)
@@ -326,29 +335,20 @@ def inspect(file, png):
     for key in ("scan_number", "ranks", "backend", "dark", "gain", "fourdstream_version"):
         if key in meta:
             rows[key.replace("_", " ")] = meta[key]
+    with h5py.File(file, "r") as f:
+        stored = images.read(f)
+    if stored:
+        (found, d), pattern = stored, stored[0]["pattern"]
+    else:
+        found, pattern, d = images.of_scan(scan)
+    rows["images"] = (f"{'stored' if stored else 'computed'}; BF r < {d.bf_radius}, ADF "
+                      f"{d.adf_inner}-{d.adf_outer} px around ({d.centre_x}, {d.centre_y}); "
+                      f"BF {int(found['bf'].sum()):,}, ADF {int(found['adf'].sum()):,} events; "
+                      f"{int((found['sector_mask'] != 0b1111).sum()):,} positions not whole")
     _summary(f"{file}", rows)
     if png:
-        _save_png(scan.counts_image(), png, f"{Path(file).name}: events per position")
-        click.echo(f"summed-counts image -> {png}")
-
-
-def _save_png(image, path, title: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("--png needs matplotlib: pip install 'fourdstream[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / max(image.shape[1], 1) + 0.6))
-    im = ax.imshow(image, cmap="gray", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="electrons")
-    ax.set_title(title)
-    ax.set_xlabel("x (scan column)")
-    ax.set_ylabel("y (scan row)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        images.plot(found, pattern, d, png, Path(file).name)
+        click.echo(f"images -> {png}")
 
 
 # -- streaming ----------------------------------------------------------------------
@@ -536,9 +536,14 @@ receiver_endpoint_options = _option_group(
                    "could not be written is {\"scan\": N, \"failed\": REASON}).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing scan files (default: write scanN.1.h5, scanN.2.h5, ...).")
+@click.option("--journal", type=click.Path(dir_okay=False), default=None,
+              help="Rank 0 appends each scan opened, written or failed here, as it happens "
+                   "(JSON lines; `fourdstream session` reads it to restart a failed job).")
+@click.option("--skip-scan", "skip_scans", type=int, multiple=True,
+              help="Ignore this scan's messages (counted as late): lost with an earlier job.")
 @counting_options
 def receive(output, listen, connect, endpoints_file, advertise, curve_keys, senders, timeout, window, hwm,
-            threads, chunk, scans, calibration, summary_json, overwrite, **kw):
+            threads, chunk, scans, calibration, summary_json, overwrite, journal, skip_scans, **kw):
     """Receiver job: run under mpiexec/srun; serves scan after scan until stopped.
 
     Each rank receives the sectors routed to it (every rank all through a
@@ -556,7 +561,6 @@ def receive(output, listen, connect, endpoints_file, advertise, curve_keys, send
     (a 512x512 scan at 150 electrons/frame holds about 10 M events per rank on
     4 ranks).
     """
-    import json
 
     import zmq
     from mpi4py import MPI
@@ -587,7 +591,8 @@ def receive(output, listen, connect, endpoints_file, advertise, curve_keys, send
         if keys else None
     receiver = agree(comm, lambda: Receiver(comm, sockets, options, ReceiverOptions(
         output=output, senders=senders, timeout=timeout, window=window, scans=scans,
-        overwrite=overwrite, threads=threads or cores_per_rank(comm), hwm=hwm),
+        overwrite=overwrite, threads=threads or cores_per_rank(comm), hwm=hwm, journal=journal,
+        skip=tuple(skip_scans)),
         log=lambda m: click.echo(m, err=False)))
     if comm.rank == 0:
         click.echo(f"receiving on {comm.size} rank(s), {receiver.template.backend}; "
@@ -617,6 +622,79 @@ def receive(output, listen, connect, endpoints_file, advertise, curve_keys, send
                    + (f"; {sum(refused.values())} connection(s) refused ("
                       + ", ".join(f"{k}: {v}" for k, v in sorted(refused.items()) if v) + ")"
                       if sum(refused.values()) else ""))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("-n", "--ranks", type=int, required=True, help="Ranks of the receiver job.")
+@click.option("--restarts", type=int, default=3, show_default=True,
+              help="Start the receiver job again this many times after it fails.")
+@click.option("--journal", type=click.Path(dir_okay=False), default=None,
+              help="The session's journal (default: OUTPUT/session-DATE-TIME.jsonl).")
+@click.argument("receive_args", nargs=-1, type=click.UNPROCESSED)
+def session(ranks, restarts, journal, receive_args):
+    """A receiver session that outlives a failed job: fourdstream session -n N -- RECEIVE_ARGS.
+
+    Runs `fourdstream receive RECEIVE_ARGS` on N ranks (mpiexec, or srun inside a Slurm
+    job through FOURDSTREAM_MPIEXEC) and, if the job fails (a rank died), starts it
+    again on the same ports, up to --restarts times. Senders block meanwhile and
+    reconnect by themselves (give them a --send-timeout longer than a restart); the
+    scans in flight are recorded as failed and the next scan goes to the new job.
+    SIGINT/SIGTERM end the session as they end `receive`. Exit status 3 if a scan
+    was lost, else the receiver job's.
+    """
+    from .session import supervise
+
+    ctx = receive.make_context("receive", list(receive_args))   # checks them, reads --config
+    p = ctx.params
+    journal = journal or Path(p["output"]) / time.strftime("session-%Y%m%d-%H%M%S.jsonl")
+    Path(journal).parent.mkdir(parents=True, exist_ok=True)
+    result = supervise(ranks, list(receive_args), journal=journal, listen=p["listen"],
+                       connect=p["connect"], scans=p["scans"], restarts=restarts, say=click.echo)
+    entries = sorted([{"scan": e["scan"], **{k: v for k, v in e.items() if k not in ("event", "time")}}
+                      for e in result["written"]] +
+                     [{"scan": e["scan"], "failed": e["reason"]} for e in result["failed"]],
+                     key=lambda e: e["scan"])
+    if p["summary_json"]:
+        Path(p["summary_json"]).write_text(json.dumps(entries, indent=1))
+    click.echo(f"session: {len(result['written'])} scan(s) written, {len(result['failed'])} failed"
+               + "".join(f"; scan {e['scan']}: {e['reason']}" for e in result["failed"])
+               + f"; {result['restarts']} restart(s); journal {journal}")
+    sys.exit(3 if result["failed"] else result["status"])
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--to", "tool", type=click.Choice(["py4dstem", "libertem"]), required=True,
+              help="py4dstem: a DataCube in py4DSTEM's file format (dense); libertem: a raw_csr "
+                   "data set (TOML descriptor + 3 raw files; sparse, as counted).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="py4dstem: the .h5 file; libertem: the .toml descriptor.")
+@click.option("--bin", "bin_", type=int, default=1, show_default=True,
+              help="py4dstem: bin diffraction space by this factor (must divide 576).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def export(file, tool, output, bin_, overwrite):
+    """Write a counted scan for an analysis tool (ncempy needs nothing: the file's images
+    are EMD data sets that ncempy.io.read opens).
+
+    \b
+    py4DSTEM:  py4DSTEM.read(OUTPUT) -> DataCube
+    LiberTEM:  ctx.load("raw_csr", path=OUTPUT), then any UDF
+    A dense py4DSTEM cube that would not fit in half the memory available is refused
+    before anything is allocated, with its size and a --bin that would fit.
+    """
+    from . import export as exporter
+    from .io import open_counted
+
+    scan = open_counted(file)
+    if tool == "py4dstem":
+        exporter.write_py4dstem(scan, output, bin=bin_, overwrite=overwrite)
+        shape = exporter.dense_shape(scan, bin_)
+        click.echo(f"{output}: py4DSTEM DataCube {'x'.join(map(str, shape))} (counts); open with "
+                   f"py4DSTEM.read('{output}')")
+    else:
+        exporter.write_libertem(scan, output, overwrite=overwrite)
+        click.echo(f"{output}: LiberTEM raw_csr data set, {scan.n_events:,} events; open with "
+                   f"ctx.load('raw_csr', path='{output}')")
 
 
 def _check_writable(folder: Path) -> None:
@@ -816,7 +894,6 @@ def bench(quick, json_path, compare, plot, stages, repeats, cores_per_node, netw
     saves a plot, and sizes a job for the 4D Camera line rate (87,000 frames/s).
     """
     import dataclasses
-    import json
 
     from . import bench as harness
 

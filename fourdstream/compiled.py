@@ -124,6 +124,38 @@ def gather_runs(source: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> n
     return out
 
 
+@numba.njit(nogil=True, cache=True)
+def _position_sums(events, offsets, slot, cx, cy, radii2, sums, masks, mask_in):
+    for i in range(len(slot)):
+        p = slot[i]
+        masks[p] &= mask_in[i]
+        for k in range(offsets[i], offsets[i + 1]):
+            y, x = events[k] // FRAME_COLS, events[k] % FRAME_COLS
+            d2 = (x - cx) * (x - cx) + (y - cy) * (y - cy)
+            sums[0, p] += 1
+            sums[1, p] += x
+            sums[2, p] += y
+            if radii2[0] <= d2 < radii2[1]:
+                sums[3, p] += 1
+            if radii2[2] <= d2 < radii2[3]:
+                sums[4, p] += 1
+
+
+def position_sums(events, offsets, slot, n_slots: int, centre, radii, mask) -> tuple:
+    """Per-slot event sums in one pass over the events (see :mod:`fourdstream.images`).
+
+    ``slot[i]``: the slot (position) of frame ``i``; ``centre`` = (x, y) pixels;
+    ``radii`` = (bf inner, bf outer, adf inner, adf outer) pixels. Returns ``sums``
+    (5, n_slots) int64 (events, sum of x, sum of y, in BF, in ADF) and the AND of the
+    frames' sector masks per slot (0xFF where no frame).
+    """
+    sums = np.zeros((5, n_slots), np.int64)
+    masks = np.full(n_slots, 0xFF, np.uint8)
+    _position_sums(events, offsets.astype(np.int64), slot.astype(np.int64), int(centre[0]),
+                   int(centre[1]), np.asarray(radii, np.int64) ** 2, sums, masks, mask)
+    return sums, masks
+
+
 def warm_up() -> None:
     """Compile the kernels now, or load them from the disk cache (about 0.3 s, 1-2 s the first
     time after an install), so that no scan pays it: the receiver calls this at start."""
@@ -131,6 +163,8 @@ def warm_up() -> None:
 
     CompiledCounter(Thresholds(1.0, 2.0)).count(np.zeros((1,) + FRAME_SHAPE, np.uint16))
     gather_runs(np.zeros(1, np.uint32), np.zeros(1, np.int64), np.ones(1, np.int64))
+    position_sums(np.zeros(1, np.uint32), np.array([0, 1]), np.zeros(1, np.int64), 1, (0, 0),
+                  (0, 1, 1, 2), np.ones(1, np.uint8))
 
 
 @numba.njit(nogil=True, cache=True)

@@ -11,6 +11,12 @@ frame (lost or never sent) is empty and has sector mask 0. Layout::
     /fourdstream/frame_number          (n_slots,) uint32    detector frame counter (0 if empty)
     /fourdstream/position              (n_slots,) uint64    scan position y * width + x
     /fourdstream/sector_mask           (n_slots,) uint8     bit m: sector m arrived
+    /fourdstream/images/{counts, bf, adf}  (height, width) uint32  events per position: all, in
+                                                            the virtual BF disc, in the ADF ring
+    /fourdstream/images/{com_x, com_y} (height, width) float32  centre of mass - pattern centre (px)
+    /fourdstream/images/sector_mask    (height, width) uint8  AND of the frames' masks (0: none)
+    /fourdstream/images/pattern        (576, 576) int64     summed diffraction pattern
+                                       attrs: the detectors (see fourdstream.images)
     /electron_events/frames            (n_slots,) vlen uint32, attrs Nx = Ny = 576
     /electron_events/scan_positions    (n_positions,) int64, attrs Nx = width, Ny = height
     /metadata/electron_counting        attrs: stempy's threshold statistics (+ seed, sample frames)
@@ -173,6 +179,15 @@ class CountedScan:
         return SparseArray(data=data, scan_shape=tuple(self.scan_shape),
                            frame_shape=tuple(self.frame_shape),
                            metadata=self.metadata.get("electron_counting", {}))
+
+
+    def to_py4dstem(self, bin: int = 1):
+        """A ``py4DSTEM.DataCube`` of the scan: dense counts, diffraction space binned by
+        ``bin``; refused with the size and a bin that fits when it would not fit in memory
+        (see :mod:`fourdstream.export`)."""
+        from .export import to_py4dstem
+
+        return to_py4dstem(self, bin)
 
 
 def _read_group(group) -> dict:

@@ -49,8 +49,10 @@ import numpy as np
 from . import __version__
 from .collective import CollectiveError, agree, on_root
 from .detector import FRAME_COLS, FRAME_ROWS, ScanGeometry
-from .route import slab_bounds, slab_owner
+from .images import scan_images
+from .images import write as write_images
 from .io import GROUP, STEMPY_VERSION, VLEN_CHUNK, VLEN_EVENTS
+from .route import slab_bounds, slab_owner
 from .sparse import CountedFrames
 
 
@@ -188,7 +190,8 @@ def _slab(counted: CountedFrames, geometry: ScanGeometry, fpp: int, comm) -> _Sl
 # -- the writer ----------------------------------------------------------------------
 def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
                        electron_counting: dict, provenance: dict, comm=None,
-                       overwrite: bool = False, timeline: Timeline | None = None) -> WriteReport:
+                       overwrite: bool = False, timeline: Timeline | None = None,
+                       detectors=None) -> WriteReport:
     """Write one scan's counted frames, collectively over ``comm`` (see module docstring).
 
     Parameters
@@ -201,7 +204,10 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
         dicts become groups
     comm : mpi4py communicator (default: this process alone)
     timeline : steps so far (see module docstring); the writer adds ``redistribute``,
-        ``prepare``, ``collective_write``, ``stempy_view``, ``metadata`` and ``rename``
+        ``images``, ``prepare``, ``collective_write``, ``stempy_view``, ``metadata`` and
+        ``rename``
+    detectors : virtual detectors of the scan's images (:class:`fourdstream.images.Detectors`;
+        default: found from the summed pattern)
     """
     timeline = timeline or Timeline(time.time())
     t0 = time.perf_counter()
@@ -211,6 +217,9 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
     counted = redistribute(counted, geometry, comm)
     t_moved = time.perf_counter()
     timeline.mark("redistribute")
+    images = scan_images(counted, geometry, slab_bounds(geometry.n_positions, comm.size), comm,
+                         detectors)
+    timeline.mark("images")
     per_position = np.bincount(counted.position - slab_bounds(geometry.n_positions, comm.size)[comm.rank]) \
         if len(counted) else np.zeros(0, np.int64)
     fpp = max(comm.allreduce(int(per_position.max()) if len(per_position) else 0,
@@ -233,7 +242,7 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
         t2 = time.perf_counter()
         timeline.mark("collective_write")
         steps = _on_root(comm, lambda: _finish(tmp, path, geometry, fpp, electron_counting,
-                                               provenance, overwrite, timeline))
+                                               provenance, overwrite, timeline, images))
     except Exception:
         if comm.rank == 0 and tmp.exists():
             tmp.unlink()
@@ -375,8 +384,9 @@ def _write_by_token(tmp: Path, slab: _Slab, event_base, comm) -> None:
 
 
 def _finish(tmp: Path, path: Path, geometry: ScanGeometry, fpp: int, electron_counting: dict,
-            provenance: dict, overwrite: bool, timeline: Timeline) -> dict:
-    """Rank 0, after the collective close: stempy view, metadata, rename; returns the steps."""
+            provenance: dict, overwrite: bool, timeline: Timeline, images: tuple) -> dict:
+    """Rank 0, after the collective close: stempy view, images, metadata, rename; returns
+    the steps."""
     import h5py
 
     with h5py.File(tmp, "r+") as f:
@@ -399,6 +409,7 @@ def _finish(tmp: Path, path: Path, geometry: ScanGeometry, fpp: int, electron_co
             _write_vlen(frames, start, g["events"][off[0]:off[-1]], off - off[0])
             start = stop
         timeline.mark("stempy_view")
+        write_images(f, *images)
         meta = f.create_group("metadata")
         _write_attrs(meta.create_group("electron_counting"), electron_counting)
         ours = meta.create_group("fourdstream")

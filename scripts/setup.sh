@@ -89,5 +89,16 @@ say "installing fourdstream$EXTRAS"
 "$PY" -m pip install -q --disable-pip-version-check -e ".$EXTRAS"
 "$PY" -c "import h5py; assert h5py.get_config().mpi, 'installing fourdstream replaced the MPI h5py'"
 
+# 5. With --test: py4DSTEM (which needs numpy < 2) in an environment of its own, with this
+#    package (no MPI needed there) for the test of `fourdstream export --to py4dstem`.
+if [[ -n "$EXTRAS" ]]; then
+    P4=${PY4DSTEM_VENV:-.venv-py4dstem}
+    say "installing py4DSTEM 0.14.18 into $P4 (it pins numpy < 2)"
+    [[ -x "$P4/bin/python" ]] || "$PYTHON" -m venv "$P4"
+    "$P4/bin/python" -m pip install -q --disable-pip-version-check py4DSTEM==0.14.18 click \
+        || die "py4DSTEM could not be installed into $P4"
+    "$P4/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
+fi
+
 echo "$fingerprint" > "$stamp"
 say "ready: $("$PY" -c 'import fourdstream, h5py, mpi4py; print(f"fourdstream {fourdstream.__version__}, h5py {h5py.__version__} (MPI), mpi4py {mpi4py.__version__}")')"

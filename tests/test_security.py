@@ -1,7 +1,6 @@
 """Authenticated streams (ZeroMQ CURVE) and the warning for unauthenticated exposed binds."""
 
 import shutil
-import signal
 import subprocess
 import sys
 

@@ -37,8 +37,9 @@ def cluster(tmp_path_factory):
 
 
 def _processes(text: str) -> list[str]:
+    """``PID COMMAND`` of the processes whose command line holds ``text`` (not this one)."""
     out = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "pytest" not in line and "pgrep" not in line]
+    return [line for line in out.splitlines() if int(line.split()[0]) != os.getpid()]
 
 
 def _job_env(cluster) -> dict:
@@ -95,15 +96,15 @@ def test_count_sbatch_on_two_nodes_writes_the_same_file_as_fourdstream_count(clu
         assert a.metadata["electron_counting"][key] == b.metadata["electron_counting"][key], key
 
 
-def test_stream_sbatch_two_nodes_two_scans_from_senders_outside_then_scancel(cluster, tmp_path):
-    """One configuration file for the job (via FOURDSTREAM_CONFIG, which sbatch passes on) and
-    for the senders outside it (--config); 2 nodes x 2 ranks."""
+def _stream_job(cluster, tmp_path, scans: int, tasks_per_node: int):
+    """stream.sbatch on 2 nodes with one configuration file for the job (FOURDSTREAM_CONFIG,
+    which sbatch passes on) and the senders outside it (--config); (job, site, out, log)."""
     out, log = tmp_path / "session", tmp_path / "stream.log"
     site = tmp_path / "site.toml"
     site.write_text(f"""timeout = 20.0
 [receive]
 output = "session"
-listen = "tcp://*:{_free_port_block(4 * 4)}"
+listen = "tcp://*:{_free_port_block(4 * 2 * tasks_per_node)}"
 endpoints_file = "session/endpoints.json"
 summary_json = "session/session.json"
 [send]
@@ -111,44 +112,84 @@ endpoints_file = "session/endpoints.json"
 simulate = "{SCAN}"
 seed = {SEED}
 pool_frames = 0
-scans = 2
+scans = {scans}
+send_timeout = 60.0
 """)
-    job = _submit(cluster, "stream.sbatch", nodes=2, tasks_per_node=2, log=log,
+    job = _submit(cluster, "stream.sbatch", nodes=2, tasks_per_node=tasks_per_node, log=log,
                   env={"FOURDSTREAM_CONFIG": str(site)})
-    endpoints = out / "endpoints.json"
     deadline = time.monotonic() + 120
-    while not endpoints.exists():
+    while not (out / "endpoints.json").exists():
         assert cluster.state(job) in ("PENDING", "CONFIGURING", "RUNNING"), Path(log).read_text()
         assert time.monotonic() < deadline, "no endpoints file from the job"
         time.sleep(0.2)
+    return job, site, out, log
+
+
+def _send(site, *args):
     senders = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--config", str(site),
-                                 "--module", str(m)],
+                                 "--module", str(m), *map(str, args)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for m in range(4)]
     try:
         for p in senders:
             assert p.wait(timeout=120) == 0, p.communicate()[0]
-        files = [out / f"scan{n:010d}.h5" for n in (1, 2)]
-        deadline = time.monotonic() + 60
-        while not all(f.exists() for f in files):
-            assert time.monotonic() < deadline, f"scans not written:\n{Path(log).read_text()}"
-            time.sleep(0.2)
     finally:
         for p in senders:
             p.kill()
+
+
+def _wait_for(paths, log, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not all(f.exists() for f in paths):
+        assert time.monotonic() < deadline, f"scans not written:\n{Path(log).read_text()}"
+        time.sleep(0.2)
+
+
+def _check_exact(path, ranks):
+    frames = simulated()
+    cal = offline_calibration(frames)
+    events, offsets = offline(frames, cal.background_threshold, cal.x_ray_threshold)
+    scan = open_counted(path)
+    assert scan.metadata["fourdstream"]["ranks"] == ranks
+    assert scan.sector_mask.all() and len(scan.frame_number) == len(frames)
+    assert np.array_equal(scan.offsets, offsets) and np.array_equal(scan.events, events), path
+
+
+def test_stream_sbatch_two_nodes_two_scans_from_senders_outside_then_scancel(cluster, tmp_path):
+    """2 nodes x 2 ranks, two scans, then scancel ends the session cleanly."""
+    job, site, out, log = _stream_job(cluster, tmp_path, scans=2, tasks_per_node=2)
+    files = [out / f"scan{n:010d}.h5" for n in (1, 2)]
+    try:
+        _send(site)
+        _wait_for(files, log)
+    finally:
         cluster.scancel(job)
     text = _finished(cluster, job, log, timeout=60, expect="CANCELLED")
     assert "session: 2 scan(s) written" in text, text   # printed on the way out: a clean end
     assert len(json.loads((out / "session.json").read_text())) == 2
-
-    frames = simulated()
-    cal = offline_calibration(frames)
-    events, offsets = offline(frames, cal.background_threshold, cal.x_ray_threshold)
     for f in files:
-        scan = open_counted(f)
-        assert scan.metadata["fourdstream"]["ranks"] == 4
-        assert scan.sector_mask.all() and len(scan.frame_number) == len(frames)
-        assert np.array_equal(scan.offsets, offsets) and np.array_equal(scan.events, events), f
+        _check_exact(f, ranks=4)
+
+
+def test_stream_sbatch_restarts_the_receiver_in_the_allocation_when_a_rank_dies(cluster, tmp_path):
+    """A rank killed between scans: the job script starts a new step on the same ports and
+    the next scan, from senders that were never told, is written by it."""
+    job, site, out, log = _stream_job(cluster, tmp_path, scans=1, tasks_per_node=1)
+    first, second = out / f"scan{1:010d}.h5", out / f"scan{2:010d}.h5"
+    try:
+        _send(site)
+        _wait_for([first], log)
+        ranks = [line.split()[0] for line in _processes("fourdstream receive")]
+        assert ranks, "no rank found"
+        subprocess.run(["kill", "-9", ranks[-1]])
+        _send(site, "--scan-number", 2)        # blocks until the restarted step takes it
+        _wait_for([second], log)
+    finally:
+        cluster.scancel(job)
+    text = _finished(cluster, job, log, timeout=60, expect="CANCELLED")
+    assert "restarting it (1/3)" in text, text
+    for f in (first, second):
+        _check_exact(f, ranks=2)
 
 
 def _free_port_block(n: int) -> int:

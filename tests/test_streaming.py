@@ -87,7 +87,7 @@ def test_two_scans_equal_offline_counting_including_thresholds(stream_session, r
         # Where the time went from the last frame received to the file closed, step by step.
         steps = dict(meta["turnaround"])
         latency = steps.pop("latency_seconds")
-        order = ["counting", "decision", "writer_queue", "gather", "redistribute", "prepare",
+        order = ["counting", "decision", "writer_queue", "gather", "redistribute", "images", "prepare",
                  "collective_write", "stempy_view", "metadata"]
         assert set(steps) == set(order) and list(summary["steps"]) == order + ["rename"]
         assert all(v >= 0 for v in steps.values()) and abs(sum(steps.values()) - latency) <= 1e-6

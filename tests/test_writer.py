@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from expected import DROPPED, GEOMETRY, NO_EVENTS, PARTIAL, expected_frames
+from fourdstream import images
 from fourdstream.counting import ElectronCounter, Thresholds
 from fourdstream.detector import ScanGeometry
 from fourdstream.io import open_counted
@@ -130,6 +131,9 @@ def test_count_gives_identical_files_on_1_to_4_ranks_and_threads(raw_scans, tmp_
         assert all(np.array_equal(theirs[k], ec[k]) for k in ec), n
         for name in ("events", "offsets", "frame_number", "position", "sector_mask"):
             assert np.array_equal(getattr(other, name), getattr(one, name)), (n, name)
+        with h5py.File(files[1]) as a, h5py.File(files[n]) as b:   # and the same images
+            (ia, da), (ib, db) = images.read(a), images.read(b)
+            assert da == db and all(np.array_equal(ia[k], ib[k]) for k in ia), n
 
 
 def test_our_reader_opens_a_file_written_by_stempy(tmp_path):

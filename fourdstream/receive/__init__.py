@@ -48,6 +48,7 @@ from .. import compiled
 from ..assembly import FramePool, Ledger
 from ..detector import FRAME_PIXELS, SECTOR_BYTES
 from ..pipeline import CountingOptions, ScanCounting
+from ..session import Journal
 from .coordinator import Coordinator, CoordinatorOptions
 from .ingest import Ingest
 from .workers import CountingThreads
@@ -94,6 +95,8 @@ class ReceiverOptions:
     overwrite: bool = False     #: replace existing files instead of choosing a new name
     threads: int = 1            #: counting threads per rank
     progress: bool = True
+    journal: str | None = None  #: rank 0 appends scans opened/written/failed here (JSON lines)
+    skip: tuple = ()            #: scans to ignore (lost with an earlier job of the session)
 
 
 class Receiver:
@@ -116,9 +119,11 @@ class Receiver:
         self.template = ScanCounting(counting, coordinator_comm)   # loads references once
         self.batch = counting.batch_size
         self.lock = threading.RLock()
+        journal = Journal(options.journal) if options.journal and self.rank == 0 else None
         self.ingest = Ingest(sockets, FramePool(max(options.window, 2 * self.batch)),
-                             self.template.for_scan, stall=min(2.0, options.timeout))
-        self.writer = ScanWriter(writer_comm, self.template, options, log=log,
+                             self.template.for_scan, stall=min(2.0, options.timeout),
+                             on_open=journal.opened if journal else None, skip=options.skip)
+        self.writer = ScanWriter(writer_comm, self.template, options, log=log, journal=journal,
                                  memory_bound=lambda events: memory_bound_mb(
                                      options.window, options.hwm, self.batch, options.threads, events,
                                      counting.sample_frames))

@@ -34,12 +34,16 @@ class Ingest:
     pool : the rank's frame pool
     new_counting : callable returning the :class:`~fourdstream.pipeline.ScanCounting` of a new scan
     stall : seconds at a tight pool without progress before frames are evicted
+    on_open : called with a scan's number when its first message arrives here
+    skip : scans whose messages are ignored (counted as late): lost with an earlier job
     """
 
-    def __init__(self, sockets: list[zmq.Socket], pool: FramePool, new_counting, *, stall: float = 2.0):
+    def __init__(self, sockets: list[zmq.Socket], pool: FramePool, new_counting, *, stall: float = 2.0,
+                 on_open=None, skip=()):
         self.sockets, self.pool, self.new_counting, self.stall = sockets, pool, new_counting, stall
+        self.on_open = on_open
         self.shares: dict[int, ScanShare] = {}   # known, not yet handed to the writer
-        self.handed: set[int] = set()            # scans handed to the writer
+        self.handed: set[int] = set(skip)        # scans handed to the writer (or skipped)
         self.session = Ledger()                  # messages that belong to no open scan
         self._held: dict[int, tuple] = {}        # module -> a sector waiting for a free buffer
         self._stalled_since: float | None = None
@@ -154,6 +158,8 @@ class Ingest:
         share = self.shares.get(scan)
         if share is None:
             share = self.shares[scan] = ScanShare(scan, geometry, self.pool, self.new_counting())
+            if self.on_open:
+                self.on_open(scan)
         return share
 
     def _control(self, msg: dict) -> None:

@@ -62,8 +62,9 @@ class ScanWriter:
     memory_bound : callable giving a rank's memory bound (MB) from the events it holds
     """
 
-    def __init__(self, comm, template, options, log=print, memory_bound=None):
+    def __init__(self, comm, template, options, log=print, memory_bound=None, journal=None):
         self.comm, self.template, self.options = comm, template, options
+        self.journal = journal          # rank 0: the session journal (fourdstream.session)
         self.memory_bound = memory_bound
         self.log = log if comm.rank == 0 else (lambda *a, **k: None)
         self.summaries: list[dict] = []    # rank 0: one per scan handed here, written or failed
@@ -86,6 +87,8 @@ class ScanWriter:
         self.log(f"scan {scan}: NOT written: {reason}")
         if self.comm.rank == 0:
             self.summaries.append({"scan": scan, "failed": reason})
+            if self.journal:
+                self.journal.append("failed", scan, reason=reason)
 
     def write(self, share: ScanShare) -> dict | None:
         """Write one scan collectively; returns rank 0's summary (None if not written)."""
@@ -153,6 +156,9 @@ class ScanWriter:
         if comm.rank == 0:
             self.summaries.append(summary)
             self.log(format_scan_summary(summary))
+            if self.journal:
+                self.journal.append("written", share.scan, **{k: v for k, v in summary.items()
+                                                              if k != "scan"})
         return summary
 
     def _output_path(self, scan: int) -> Path:
