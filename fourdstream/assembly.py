@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from .detector import COMPLETE_MASK, FRAME_SHAPE, N_SECTORS, ScanGeometry, sector_slice
+from .live import LiveImages
 from .sparse import CountedFrames
 
 _SECTOR_ROWS = [sector_slice(m)[0] for m in range(N_SECTORS)]
@@ -102,8 +103,10 @@ class ScanShare:
     counting : the scan's :class:`~fourdstream.pipeline.ScanCounting` (its thresholds)
     """
 
-    def __init__(self, scan: int, geometry: ScanGeometry, pool: FramePool, counting=None):
+    def __init__(self, scan: int, geometry: ScanGeometry, pool: FramePool, counting=None,
+                 live: bool = False):
         self.scan, self.geometry, self.pool, self.counting = scan, geometry, pool, counting
+        self.live = LiveImages(geometry.n_positions) if live else None   # the live view's sums
         self.ledger = Ledger()
         self.pending: dict[int, list] = {}    # frame number -> [slot, mask, position]
         self.ready: list[tuple] = []          # (slot, frame number, position, mask)

@@ -388,9 +388,10 @@ def bench_write(cfg: Config, folder: Path, log) -> dict:
 
 
 def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) -> dict:
-    """End to end with ``ranks`` ranks; with ``ceilings``, also transport and counting alone."""
+    """End to end with ``ranks`` ranks; with ``ceilings``, also transport and counting alone,
+    and the full run with the live view on (``--live``)."""
     out = {"ranks": ranks, "scan": cfg.stream_scan}
-    modes = ("full", "transport") if ceilings else ("full",)
+    modes = ("full", "transport", "live") if ceilings else ("full",)
     runs = {mode: [] for mode in modes}
     for i in range(cfg.repeats + 1):       # interleaved, so drift hits every mode alike
         for mode in modes:
@@ -410,6 +411,7 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
     counting = _run_mpi(ranks, "_count_worker", 256, cfg.repeats)
     out["counting_alone_fps"] = _stats(counting["fps"])
     if ceilings:
+        out["live_cost"] = 1 - out["live_fps"]["median"] / out["full_fps"]["median"]
         ceiling = min(out["transport_fps"]["median"], out["counting_alone_fps"]["median"])
         out["ceiling_fps"] = ceiling
         out["ratio"] = out["full_fps"]["median"] / ceiling
@@ -426,8 +428,8 @@ def _stream_once(scan: str, ranks: int, mode: str, folder: Path, timeout: float 
     endpoints, summary = folder / "endpoints.json", folder / "summary.json"
     receiver = subprocess.Popen(mpiexec_command(ranks, _python(
         "_receive", mode, "receive", "-o", folder, "--endpoints-file", endpoints, "--scans", 1,
-        "--summary-json", summary)), env=mpi_environment(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
+        "--summary-json", summary, *(["--live", "127.0.0.1:0"] if mode == "live" else []))),
+        env=mpi_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         read_endpoints(endpoints, wait=60)
         start_at = time.time() + SENDER_START_SECONDS
@@ -638,6 +640,8 @@ def table(record: dict) -> str:
             f"min(transport {med(e['transport_fps']):,.0f}, counting {med(e['counting_alone_fps']):,.0f})",
             bounded(e['ratio']))
         row("latency: last frame sent -> file closed", f"{med(e['latency_seconds']):.2f} s", "", "")
+        row("  with the live view (--live)", f"{med(e['live_fps']):,.0f} frames/s",
+            f"without {med(e['full_fps']):,.0f} frames/s", f"cost {e['live_cost']:.0%}")
     if "scaling" in st:
         for n, r in st["scaling"]["ranks"].items():
             row(f"scaling, {n} rank(s)", f"{med(r['full_fps']):,.0f} frames/s end to end, every "

@@ -541,9 +541,17 @@ receiver_endpoint_options = _option_group(
                    "(JSON lines; `fourdstream session` reads it to restart a failed job).")
 @click.option("--skip-scan", "skip_scans", type=int, multiple=True,
               help="Ignore this scan's messages (counted as late): lost with an earlier job.")
+@click.option("--live", default=None, metavar="[HOST:]PORT",
+              help="Rank 0 serves a live page of the session and the scan arriving (images "
+                   "refreshed about once a second) at http://HOST:PORT/ (HOST 127.0.0.1 unless "
+                   "given: use an SSH tunnel).")
+@click.option("--live-pub", default=None, metavar="ENDPOINT",
+              help="Rank 0 publishes the same live updates on a ZeroMQ PUB socket bound here, "
+                   "e.g. tcp://127.0.0.1:7100 (msgpack header + arrays; `fourdstream watch`).")
 @counting_options
 def receive(output, listen, connect, endpoints_file, advertise, curve_keys, senders, timeout, window, hwm,
-            threads, chunk, scans, calibration, summary_json, overwrite, journal, skip_scans, **kw):
+            threads, chunk, scans, calibration, summary_json, overwrite, journal, skip_scans, live,
+            live_pub, **kw):
     """Receiver job: run under mpiexec/srun; serves scan after scan until stopped.
 
     Each rank receives the sectors routed to it (every rank all through a
@@ -592,7 +600,7 @@ def receive(output, listen, connect, endpoints_file, advertise, curve_keys, send
     receiver = agree(comm, lambda: Receiver(comm, sockets, options, ReceiverOptions(
         output=output, senders=senders, timeout=timeout, window=window, scans=scans,
         overwrite=overwrite, threads=threads or cores_per_rank(comm), hwm=hwm, journal=journal,
-        skip=tuple(skip_scans)),
+        skip=tuple(skip_scans), live=live, live_pub=live_pub),
         log=lambda m: click.echo(m, err=False)))
     if comm.rank == 0:
         click.echo(f"receiving on {comm.size} rank(s), {receiver.template.backend}; "
@@ -660,6 +668,46 @@ def session(ranks, restarts, journal, receive_args):
                + "".join(f"; scan {e['scan']}: {e['reason']}" for e in result["failed"])
                + f"; {result['restarts']} restart(s); journal {journal}")
     sys.exit(3 if result["failed"] else result["status"])
+
+
+@main.command()
+@click.argument("endpoint")
+@click.option("--png", type=click.Path(dir_okay=False), default=None,
+              help="Save the latest images here (one figure, as inspect --png) at each update.")
+@click.option("--updates", type=int, default=0, show_default=True,
+              help="Exit after this many updates (0: until interrupted).")
+@click.option("--timeout", type=float, default=0.0, show_default=True,
+              help="Exit when no update came for this many seconds (0: wait forever).")
+def watch(endpoint, png, updates, timeout):
+    """Follow a receiver's live stream (receive --live-pub ENDPOINT): print each scan's
+    progress and keep its latest images."""
+    import zmq
+
+    from . import images as scan_images
+    from .live import decode_update
+
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(endpoint)
+    seen = 0
+    try:
+        while not updates or seen < updates:
+            if timeout and not sub.poll(int(timeout * 1000)):
+                click.echo(f"watch: no update for {timeout:g} s")
+                break
+            state, arrays = decode_update(sub.recv_multipart())
+            seen += 1
+            click.echo(f"scan {state['scan']}: {state['frames']:,}/{state['expected']:,} frames"
+                       f"{' (written)' if state.get('closed') else ''}; BF "
+                       f"{int(arrays['bf'].sum()):,}, ADF {int(arrays['adf'].sum()):,} events")
+            if png:
+                scan_images.plot(arrays, arrays["pattern"], scan_images.Detectors(**state["detectors"]),
+                                 png, f"scan {state['scan']} (live)")
+    finally:
+        sub.close()
+        ctx.term()
 
 
 @main.command()
@@ -780,8 +828,11 @@ def gateway(producer_listen, frames_per_position, timeout, scans, endpoints_file
 @click.option("--sim-seed", type=int, default=0, show_default=True, help="Seed of the simulated scan.")
 @click.option("--rate", type=float, default=0.0, show_default=True,
               help="Frames/s per sender (0: as fast as possible).")
+@click.option("--live", default=None, metavar="[HOST:]PORT",
+              help="Serve the live page of the scan at http://HOST:PORT/ while it arrives "
+                   "(with --rate, to have time to watch it).")
 @counting_options
-def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
+def demo(scan, ranks, output, dose, sim_seed, rate, live, **kw):
     """Local end-to-end run: 4 simulated senders -> mpiexec receiver job -> counted HDF5 + summary.
 
     Counting options are passed on to the receiver job.
@@ -796,8 +847,14 @@ def demo(scan, ranks, output, dose, sim_seed, rate, **kw):
     counting_args = [a for name, value in given for a in (f"--{name.replace('_', '-')}", str(value))]
     click.echo(f"fourdstream demo: {scan} scan (+ flyback column), {dose:g} e-/frame, 4 senders -> "
                f"{ranks} receiver ranks (mpiexec)")
+    if live:
+        from .liveserver import parse_address
+
+        host, port = parse_address(live)
+        click.echo(f"live view: http://{host}:{port}/")
     s = run_demo(output, scan=scan, ranks=ranks, dose=dose, seed=sim_seed, rate=rate,
-                 counting_args=counting_args, echo=click.echo)
+                 counting_args=counting_args, receiver_args=("--live", live) if live else (),
+                 echo=click.echo)
     losses = {k: s["ledger"][k] for k in Ledger.LOSSES if s["ledger"][k]}
     _summary("\nsummary", {
         "counted file": s["path"],

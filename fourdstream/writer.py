@@ -99,6 +99,7 @@ class WriteReport:
     seconds_stempy_view: float
     seconds_total: float
     steps: dict = dataclasses.field(default_factory=dict)   #: the timeline's steps, if one was given
+    images: tuple = (None, None, None)   #: rank 0: (images, pattern, detectors) of fourdstream.images
 
 
 def _comm_or_self(comm):
@@ -249,7 +250,7 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
         raise
     t3 = time.perf_counter()
     return WriteReport(str(path), n_events, n_slots, fpp, n_events * 4, parallel,
-                       t_moved - t0, t2 - t1, t3 - t2, t3 - t0, steps)
+                       t_moved - t0, t2 - t1, t3 - t2, t3 - t0, steps, images)
 
 
 def _parallel_hdf5() -> bool:

@@ -42,17 +42,19 @@ if ! pkg-config --exists hdf5-openmpi 2>/dev/null || ! command -v mpiexec >/dev/
     fi
 fi
 
-# 1b. For the tests of jobs/*.sbatch: a real Slurm (run as a throwaway cluster by the tests)
-#     and iproute2 for the network-namespace test. Without root/apt those tests skip, saying why.
+# 1b. For the tests: a real Slurm (run as a throwaway cluster by the tests of jobs/*.sbatch),
+#     iproute2 for the network-namespace test, Chromium and its driver for the live page's
+#     browser test. Without root/apt those tests skip, saying why.
 if [[ -n "$EXTRAS" ]] && { ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null \
-                          || ! command -v tc >/dev/null; }; then
+                          || ! command -v tc >/dev/null || ! command -v chromium >/dev/null; }; then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-        say "installing Slurm, munge and iproute2 from Debian for the job-script tests"
+        say "installing Slurm, munge, iproute2 and Chromium from Debian for the tests"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
-        apt-get install -y -qq --no-install-recommends slurm-wlm munge iproute2 >/dev/null
+        apt-get install -y -qq --no-install-recommends slurm-wlm munge iproute2 chromium \
+            chromium-driver >/dev/null
     else
-        say "Slurm not installed and no root/apt: the tests of jobs/*.sbatch will be skipped"
+        say "Slurm/Chromium not installed and no root/apt: their tests will be skipped"
     fi
 fi
 

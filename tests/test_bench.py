@@ -50,8 +50,9 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
         assert _is_stats(r["stempy_view_seconds"]) and r["ratio"] > 0
         assert _is_stats(r["slabs_seconds"]) and _is_stats(r["interleaved_seconds"])
     e = st["end_to_end"]
-    for key in ("full_fps", "transport_fps", "counting_alone_fps", "latency_seconds"):
+    for key in ("full_fps", "transport_fps", "counting_alone_fps", "latency_seconds", "live_fps"):
         assert _is_stats(e[key]), key
+    assert e["live_cost"] < 1
     assert e["frames"] == 42 and e["complete"] == 42 and e["ratio"] > 0
     assert set(st["scaling"]["ranks"]) == {"1", "2"}
     for r in st["scaling"]["ranks"].values():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fourdstream import export, images
-from fourdstream.detector import FRAME_COLS, FRAME_PIXELS
+from fourdstream.detector import FRAME_PIXELS
 from fourdstream.io import open_counted
 
 ROOT = Path(__file__).parent.parent

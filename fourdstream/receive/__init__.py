@@ -47,6 +47,7 @@ import traceback
 from .. import compiled
 from ..assembly import FramePool, Ledger
 from ..detector import FRAME_PIXELS, SECTOR_BYTES
+from ..live import LiveState, Publisher
 from ..pipeline import CountingOptions, ScanCounting
 from ..session import Journal
 from .coordinator import Coordinator, CoordinatorOptions
@@ -96,6 +97,8 @@ class ReceiverOptions:
     threads: int = 1            #: counting threads per rank
     progress: bool = True
     journal: str | None = None  #: rank 0 appends scans opened/written/failed here (JSON lines)
+    live: str | None = None     #: rank 0 serves the live page at this [HOST:]PORT
+    live_pub: str | None = None  #: rank 0 publishes live updates on this ZeroMQ endpoint
     skip: tuple = ()            #: scans to ignore (lost with an earlier job of the session)
 
 
@@ -120,18 +123,37 @@ class Receiver:
         self.batch = counting.batch_size
         self.lock = threading.RLock()
         journal = Journal(options.journal) if options.journal and self.rank == 0 else None
+        self.live, self._stop_live, self.publisher = None, None, None
+        live = bool(options.live or options.live_pub)
+        if live and self.rank == 0:
+            self.live = LiveState()
+            if options.live_pub:
+                import zmq
+
+                self.publisher = self.live.on_update = Publisher(zmq.Context.instance(), options.live_pub)
+                log(f"live stream: {self.publisher.endpoint} (fourdstream watch ENDPOINT)")
+            if options.live:
+                from ..liveserver import parse_address, start
+
+                url, self._stop_live = start(self.live, *parse_address(options.live))
+                port = url.rstrip("/").rsplit(":", 1)[1]
+                log(f"live view: {url} (from another machine: ssh -L {port}:localhost:{port} "
+                    f"THIS_NODE)")
         self.ingest = Ingest(sockets, FramePool(max(options.window, 2 * self.batch)),
                              self.template.for_scan, stall=min(2.0, options.timeout),
-                             on_open=journal.opened if journal else None, skip=options.skip)
+                             on_open=journal.opened if journal else None, skip=options.skip,
+                             live=live)
         self.writer = ScanWriter(writer_comm, self.template, options, log=log, journal=journal,
+                                 live=self.live,
                                  memory_bound=lambda events: memory_bound_mb(
                                      options.window, options.hwm, self.batch, options.threads, events,
                                      counting.sample_frames))
         self.coordinator = Coordinator(
             coordinator_comm, self.ingest, self.lock, self.writer.queue.put,
             CoordinatorOptions(timeout=options.timeout, senders=options.senders, scans=options.scans,
-                               sample_frames=counting.sample_frames),
-            log=log if options.progress else None)
+                               sample_frames=counting.sample_frames,
+                               live_every=1.0 if live else 0.0),
+            log=log if options.progress else None, live=self.live)
         self.counting = CountingThreads(options.threads)
         self._session: Ledger | None = None
         compiled.warm_up()   # the counting kernel and the writer's event gather, before any scan
@@ -167,6 +189,10 @@ class Receiver:
             self.writer.queue.put(None)
         for t in threads:
             t.join()
+        if self._stop_live:
+            self._stop_live()
+        if self.publisher:
+            self.publisher.close()
         self._session = Ledger()
         for part in self.comm.allgather(self.ingest.session):
             self._session.add(part)

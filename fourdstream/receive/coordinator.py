@@ -33,6 +33,7 @@ import numpy as np
 
 from ..calibrate import CalibrationError
 from ..detector import COMPLETE_MASK, ScanGeometry
+from ..images import Detectors
 
 
 @dataclasses.dataclass
@@ -43,6 +44,7 @@ class CoordinatorOptions:
     sample_frames: int = 20   #: calibration: sample from this many first complete frames
     force_after: float = 2.0  #: calibrate with the frames at hand once a pool is full this long (s)
     interval: float = 0.02    #: seconds between two status exchanges
+    live_every: float = 0.0   #: seconds between two live-view reductions (0: no live view)
 
 
 class Coordinator:
@@ -58,8 +60,11 @@ class Coordinator:
     log : rank 0's progress and decisions (default: silent)
     """
 
-    def __init__(self, comm, ingest, lock, hand, options: CoordinatorOptions, log=None):
+    def __init__(self, comm, ingest, lock, hand, options: CoordinatorOptions, log=None, live=None):
         self.comm, self.ingest, self.lock, self.hand, self.options = comm, ingest, lock, hand, options
+        self.live = live                   # rank 0: the LiveState the page serves
+        self._live_at = 0.0
+        self._live_detectors: dict = {}    # scan -> the detectors of its live view
         self.log = log if (log is not None and comm.rank == 0) else None
         self.stop_requested = False        # set by this rank (signal, failure)
         self.stopped = threading.Event()   # agreed: the session is stopping
@@ -87,6 +92,8 @@ class Coordinator:
         self._calibrate(everyone)
         self._hand_done(everyone)
         self._progress.update(everyone)
+        if everyone[0]["live"]:      # rank 0's clock decides, so every rank takes part
+            self._reduce_live(everyone)
         if self.stopped.is_set() and all(st["idle"] for st in everyone):
             self.finished.set()
 
@@ -111,7 +118,10 @@ class Coordinator:
             self._full_since = None
         elif self._full_since is None:
             self._full_since = now
-        return {"stop": self.stop_requested, "scans": scans,
+        live = bool(self.options.live_every) and time.monotonic() - self._live_at >= self.options.live_every
+        if live:
+            self._live_at = time.monotonic()
+        return {"stop": self.stop_requested, "scans": scans, "live": live,
                 "full_for": 0.0 if self._full_since is None else now - self._full_since,
                 "idle": self.stopped.is_set() and not self.ingest.shares}
 
@@ -121,6 +131,26 @@ class Coordinator:
 
     def _geometry(self, everyone, scan) -> ScanGeometry:
         return ScanGeometry(**self._known(everyone, scan)[0]["geometry"])
+
+    # -- live view -----------------------------------------------------------------
+    def _reduce_live(self, everyone) -> None:
+        """Sum the live sums of the newest scan on rank 0 (every rank takes part)."""
+        from ..live import reduce_live
+
+        scans = {s for st in everyone for s in st["scans"]}
+        if not scans:
+            return
+        scan = max(scans)
+        geometry = self._geometry(everyone, scan)
+        images, detectors = reduce_live(self.comm, self.ingest.shares.get(scan), geometry,
+                                        self._live_detectors.get(scan))
+        if detectors is not None:
+            self._live_detectors = {scan: detectors}
+        if self.live is not None and images is not None:
+            counted = [st["scans"].get(scan, {}).get("counted", 0) for st in everyone]
+            self.live.update_scan(scan, geometry, images, detectors or Detectors(),
+                                  {"counted_per_rank": counted,
+                                   "closed": all(k["closed"] for k in self._known(everyone, scan))})
 
     # -- liveness ------------------------------------------------------------------
     def _close_silent(self, everyone) -> None:

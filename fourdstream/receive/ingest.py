@@ -36,12 +36,13 @@ class Ingest:
     stall : seconds at a tight pool without progress before frames are evicted
     on_open : called with a scan's number when its first message arrives here
     skip : scans whose messages are ignored (counted as late): lost with an earlier job
+    live : keep each scan's live-view sums (:class:`~fourdstream.live.LiveImages`)
     """
 
     def __init__(self, sockets: list[zmq.Socket], pool: FramePool, new_counting, *, stall: float = 2.0,
-                 on_open=None, skip=()):
+                 on_open=None, skip=(), live: bool = False):
         self.sockets, self.pool, self.new_counting, self.stall = sockets, pool, new_counting, stall
-        self.on_open = on_open
+        self.on_open, self.live = on_open, live
         self.shares: dict[int, ScanShare] = {}   # known, not yet handed to the writer
         self.handed: set[int] = set(skip)        # scans handed to the writer (or skipped)
         self.session = Ledger()                  # messages that belong to no open scan
@@ -157,7 +158,8 @@ class Ingest:
         """The share of ``scan``, created (empty) if this rank has not heard of it."""
         share = self.shares.get(scan)
         if share is None:
-            share = self.shares[scan] = ScanShare(scan, geometry, self.pool, self.new_counting())
+            share = self.shares[scan] = ScanShare(scan, geometry, self.pool, self.new_counting(),
+                                                  live=self.live)
             if self.on_open:
                 self.on_open(scan)
         return share

@@ -65,6 +65,8 @@ class CountingThreads:
             share, frames, fn, pos, mask = item
             try:
                 result = share.counting.count(frames, fn, pos, mask)
+                if share.live is not None:
+                    share.live.add(result)
             except BaseException as exc:   # handed back to the receiving thread
                 result = exc
             self._done.put((share, result))

@@ -62,9 +62,10 @@ class ScanWriter:
     memory_bound : callable giving a rank's memory bound (MB) from the events it holds
     """
 
-    def __init__(self, comm, template, options, log=print, memory_bound=None, journal=None):
+    def __init__(self, comm, template, options, log=print, memory_bound=None, journal=None, live=None):
         self.comm, self.template, self.options = comm, template, options
         self.journal = journal          # rank 0: the session journal (fourdstream.session)
+        self.live = live                # rank 0: the live view's state (fourdstream.live)
         self.memory_bound = memory_bound
         self.log = log if comm.rank == 0 else (lambda *a, **k: None)
         self.summaries: list[dict] = []    # rank 0: one per scan handed here, written or failed
@@ -89,6 +90,8 @@ class ScanWriter:
             self.summaries.append({"scan": scan, "failed": reason})
             if self.journal:
                 self.journal.append("failed", scan, reason=reason)
+            if self.live:
+                self.live.scan_written({"scan": scan, "failed": reason})
 
     def write(self, share: ScanShare) -> dict | None:
         """Write one scan collectively; returns rank 0's summary (None if not written)."""
@@ -156,6 +159,12 @@ class ScanWriter:
         if comm.rank == 0:
             self.summaries.append(summary)
             self.log(format_scan_summary(summary))
+            if self.live:   # the exact images of the whole scan replace the live sums
+                images, pattern, detectors = report.images
+                self.live.update_scan(share.scan, geometry, dict(images, pattern=pattern,
+                                                                 frames=summary["frames"]),
+                                      detectors, {"closed": True, "counted_per_rank": []})
+                self.live.scan_written(summary)
             if self.journal:
                 self.journal.append("written", share.scan, **{k: v for k, v in summary.items()
                                                               if k != "scan"})
