@@ -37,6 +37,17 @@ def small_scan(tmp_path_factory, small_sim):
     return folder, frames, truth
 
 
+@pytest.fixture(scope="session")
+def counted_small_scan(small_scan, tmp_path_factory):
+    """``small_scan`` counted by ``fourdstream count`` (one process): the file's path."""
+    folder, _, _ = small_scan
+    out = tmp_path_factory.mktemp("counted") / "scan.h5"
+    proc = subprocess.run([sys.executable, "-m", "fourdstream", "count", str(folder), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
 def run_mpi(n: int, script: str, *args: str, timeout: float = 120) -> list[dict]:
     """Run ``tests/<script>`` under ``mpiexec -n n`` (it reports with ``mpi_util.report``).
 

@@ -116,22 +116,20 @@ class SlurmCluster:
             raise RuntimeError(f"sbatch failed: {out.stderr.strip()}")
         return int(out.stdout.strip().split(";")[0])
 
+    def _field(self, job: int, name: str, default: str) -> str:
+        out = subprocess.run(["scontrol", "show", "job", str(job), "-o"], env=self.env,
+                             capture_output=True, text=True, timeout=10)
+        for field in out.stdout.split():
+            if field.startswith(f"{name}="):
+                return field.split("=", 1)[1]
+        return default
+
     def state(self, job: int) -> str:
         """The job's state (PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...)."""
-        out = subprocess.run(["scontrol", "show", "job", str(job), "-o"], env=self.env,
-                             capture_output=True, text=True, timeout=10)
-        for field in out.stdout.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return "UNKNOWN"
+        return self._field(job, "JobState", "UNKNOWN")
 
     def exit_code(self, job: int) -> str:
-        out = subprocess.run(["scontrol", "show", "job", str(job), "-o"], env=self.env,
-                             capture_output=True, text=True, timeout=10)
-        for field in out.stdout.split():
-            if field.startswith("ExitCode="):
-                return field.split("=", 1)[1]
-        return "?"
+        return self._field(job, "ExitCode", "?")
 
     def wait(self, job: int, timeout: float, until=("COMPLETED", "FAILED", "CANCELLED",
                                                       "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")):

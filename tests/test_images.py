@@ -48,17 +48,9 @@ def test_detectors_are_found_from_a_disc_pattern():
     assert images.Detectors.find(np.zeros((576, 576))) == images.Detectors()
 
 
-@pytest.fixture(scope="module")
-def counted_file(small_scan, tmp_path_factory):
-    import subprocess
-    import sys
-
-    folder, _, _ = small_scan
-    out = tmp_path_factory.mktemp("img") / "c.h5"
-    proc = subprocess.run([sys.executable, "-m", "fourdstream", "count", str(folder), "-o", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return out
+@pytest.fixture
+def counted_file(counted_small_scan):
+    return counted_small_scan
 
 
 def test_stored_images_equal_numpy_on_the_files_events(counted_file):

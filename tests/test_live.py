@@ -97,27 +97,47 @@ def test_the_live_page_in_a_real_browser_fills_in_during_a_scan(stream_session, 
     assert f"live view: {url}" in output
 
 
-def test_a_written_scan_appears_in_the_session_table_and_its_images_are_served(stream_session):
+def test_a_written_scan_is_on_the_page_within_a_second_of_its_file(stream_session):
     port = _free_port()
     s = stream_session(2, "--scans", 2, "--bg", 28, "--xr", 700, "--live", str(port))
     for m in range(4):
         s.send(m, "--simulate", "12x8", "--seed", 3, "--pool-frames", 0, "--scans", 2, "--rate", 40)
-    states, deadline = [], time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/state.json", timeout=5) as r:
-                state = json.load(r)
-        except OSError:
-            break                                            # the job has ended
+    first = s.out / "scan0000000001.h5"
+    file_at = shown_at = None
+    deadline = time.monotonic() + 60
+    while shown_at is None and time.monotonic() < deadline:
+        if file_at is None and first.exists():
+            file_at = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/state.json", timeout=5) as r:
+            state = json.load(r)
         if state["session"]["scans_written"]:
-            states.append(state)
-            break
-        time.sleep(0.2)
+            shown_at = time.monotonic()
+            file_at = file_at or shown_at
+        time.sleep(0.05)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/image/bf.png", timeout=5) as r:
         assert r.headers["Content-Type"] == "image/png" and r.read(8) == b"\x89PNG\r\n\x1a\n"
     code, output, summaries = s.wait(timeout=120)
     assert code == 0, output
-    assert states and states[0]["session"]["scans_written"][0]["frames"] == 104
+    assert shown_at is not None and shown_at - file_at <= 1.0
+    assert state["session"]["scans_written"][0]["frames"] == 104 and state["scan"]["closed"]
+
+
+def test_demo_live_passes_the_page_on_and_prints_its_url(monkeypatch):
+    from click.testing import CliRunner
+
+    from fourdstream import demo
+    from fourdstream.cli import main
+
+    seen = {}
+
+    def fake(output, **kw):
+        seen.update(kw)
+        raise demo.DemoError("stop here")
+
+    monkeypatch.setattr(demo, "run_demo", fake)
+    r = CliRunner().invoke(main, ["demo", "--live", "8123"])
+    assert "live view: http://127.0.0.1:8123/" in r.output
+    assert seen["receiver_args"] == ("--live", "8123")
 
 
 def test_the_live_stream_and_watch_end_with_the_files_exact_images(stream_session, tmp_path):

@@ -23,14 +23,9 @@ ROOT = Path(__file__).parent.parent
 PY4DSTEM_PYTHON = ROOT / ".venv-py4dstem" / "bin" / "python"
 
 
-@pytest.fixture(scope="module")
-def counted(small_scan, tmp_path_factory):
-    folder, _, _ = small_scan
-    out = tmp_path_factory.mktemp("opens") / "scan.h5"
-    proc = subprocess.run([sys.executable, "-m", "fourdstream", "count", str(folder), "-o", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return out
+@pytest.fixture
+def counted(counted_small_scan):
+    return counted_small_scan
 
 
 def _dense_reference(scan, bin):
