@@ -5,9 +5,11 @@
   sums of :mod:`fourdstream.images`, a few per cent of counting time), over the whole
   scan's positions.
 * :func:`reduce_live` (the coordinator, about once a second): the ranks' accumulators
-  of the scan arriving now are summed on rank 0; the virtual detectors are found from
-  the first reduced pattern and then kept for the rest of the scan's live view (the
-  file's images, computed once at the end, use the whole scan's pattern).
+  of the scan arriving now are summed on rank 0; the virtual detectors are the
+  previous scan's, or, for the first scan, found from its first reduced pattern, and
+  are kept for the rest of the scan's live view (batches counted before a scan has
+  detectors are missing from its live BF and ADF; the file's images, computed once at
+  the end from all events, use the whole scan's pattern).
 * :class:`LiveState` (rank 0): the latest images and the session's figures, which
   the page (:mod:`fourdstream.liveserver`) serves.
 """
@@ -98,8 +100,9 @@ def reduce_live(comm, share, geometry, detectors: Detectors | None):
         found = Detectors.find(total[7 * n:7 * n + FRAME_PIXELS]) if comm.rank == 0 and \
             total[7 * n:7 * n + FRAME_PIXELS].any() else None
         detectors = comm.bcast(found, root=0)
-        if detectors is not None and share is not None and share.live is not None:
-            share.live.detectors = detectors
+    if detectors is not None and share is not None and share.live is not None \
+            and share.live.detectors is None:
+        share.live.detectors = detectors
     if comm.rank != 0:
         return None, detectors
     return unpack(total, n, detectors or Detectors(), (geometry.height, geometry.width)), detectors

@@ -64,7 +64,7 @@ class Coordinator:
         self.comm, self.ingest, self.lock, self.hand, self.options = comm, ingest, lock, hand, options
         self.live = live                   # rank 0: the LiveState the page serves
         self._live_at = 0.0
-        self._live_detectors: dict = {}    # scan -> the detectors of its live view
+        self._live_detectors = None        # the detectors of the live view (kept across scans)
         self.log = log if (log is not None and comm.rank == 0) else None
         self.stop_requested = False        # set by this rank (signal, failure)
         self.stopped = threading.Event()   # agreed: the session is stopping
@@ -143,9 +143,8 @@ class Coordinator:
         scan = max(scans)
         geometry = self._geometry(everyone, scan)
         images, detectors = reduce_live(self.comm, self.ingest.shares.get(scan), geometry,
-                                        self._live_detectors.get(scan))
-        if detectors is not None:
-            self._live_detectors = {scan: detectors}
+                                        self._live_detectors)   # the previous scan's, if any
+        self._live_detectors = detectors
         if self.live is not None and images is not None:
             counted = [st["scans"].get(scan, {}).get("counted", 0) for st in everyone]
             self.live.update_scan(scan, geometry, images, detectors or Detectors(),
