@@ -120,16 +120,19 @@ counting_options = _option_group(
                           "array-module reference; auto = gpu if a CUDA device answers, else cpu."),
         click.option("--batch-size", type=int, default=32, show_default=True,
                      help="Frames counted per batch."),
+        click.option("--virtual-detectors", default=None, metavar="CX,CY,BF,ADF_IN,ADF_OUT",
+                     help="The scan images' virtual detectors, whole pixels: centre, BF disc radius, "
+                          "ADF ring radii. Default: found from each scan's summed pattern."),
 )
 
 
 def make_counting_options(kw: dict):
     """Pop the :func:`counting_options` values out of ``kw`` into CountingOptions."""
+    import dataclasses
+
     from .pipeline import CountingOptions
 
-    names = ("background_threshold", "xray_threshold", "background_sigma", "xray_sigma", "samples",
-             "sample_frames", "seed", "dark", "gain", "row_dark", "backend", "batch_size")
-    return CountingOptions(**{n: kw.pop(n) for n in names})
+    return CountingOptions(**{f.name: kw.pop(f.name) for f in dataclasses.fields(CountingOptions)})
 
 
 def _scan_geometry(scan: str, flyback: bool, frames_per_position: int) -> ScanGeometry:
@@ -242,7 +245,8 @@ def count(raw, output, file_version, flyback, overwrite, threads, **kw):
     provenance = offline_provenance(result, options, comm, threads)
     report = write_counted_scan(out, result.counted, scan.geometry,
                                 electron_counting=result.calibration.as_dict(),
-                                provenance=provenance, comm=comm, overwrite=overwrite)
+                                provenance=provenance, comm=comm, overwrite=overwrite,
+                                detectors=options.detectors)
     if comm.rank == 0:
         _print_count_summary(result, report, provenance, time.perf_counter() - t0)
 

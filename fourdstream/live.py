@@ -138,11 +138,15 @@ class LiveState:
             self.on_update(scan_state, images)
 
     def scan_written(self, summary: dict) -> None:
+        from .assembly import Ledger   # (assembly imports this module)
+
         with self._lock:
             self.version += 1
             keep = ("scan", "frames", "expected", "complete", "incomplete", "missing", "latency",
                     "latency_received", "thresholds", "path", "failed")
-            self.session["scans_written"].append({k: summary[k] for k in keep if k in summary})
+            entry = {k: summary[k] for k in keep if k in summary}
+            entry["losses"] = {k: v for k, v in summary.get("ledger", {}).items() if k in Ledger.LOSSES and v}
+            self.session["scans_written"].append(entry)
 
     def view(self) -> tuple[int, dict, dict]:
         """``(version, state, images)``: a consistent copy."""

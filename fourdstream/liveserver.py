@@ -31,7 +31,7 @@ table { border-collapse: collapse; } td, th { padding: 2px 8px; border-bottom: 1
 <body>
 <h2>fourdstream: live session</h2>
 <p id="scan">waiting for a scan...</p>
-<p>frames counted per rank: <span id="ranks">-</span>; frames/s: <span id="rate">-</span></p>
+<p>frames counted per rank: <span id="ranks">-</span>; frames/s per rank: <span id="rate">-</span></p>
 <div class="images">
 <figure><img id="bf"><figcaption>virtual BF</figcaption></figure>
 <figure><img id="adf"><figcaption>virtual ADF</figcaption></figure>
@@ -41,7 +41,8 @@ table { border-collapse: collapse; } td, th { padding: 2px 8px; border-bottom: 1
 </div>
 <h3>scans written</h3>
 <table id="written"><tr><th>scan</th><th>frames</th><th>complete</th><th>incomplete</th>
-<th>missing</th><th>last frame &rarr; file closed (s)</th><th>thresholds</th><th>file</th></tr></table>
+<th>missing</th><th>losses</th><th>last frame &rarr; file closed (s)</th><th>thresholds</th>
+<th>file</th></tr></table>
 <script>
 let shown = -1, last = null;
 async function refresh() {
@@ -54,9 +55,9 @@ async function refresh() {
         `scan ${sc.scan} (${sc.width}x${sc.height}): ${sc.frames} of ${sc.expected} frames counted` +
         (sc.closed ? " (closed)" : "");
       document.getElementById("ranks").textContent = sc.counted_per_rank.join(", ");
-      if (last && last.scan === sc.scan && sc.time > last.time) {
-        document.getElementById("rate").textContent =
-          Math.round((sc.frames - last.frames) / (sc.time - last.time));
+      if (last && last.scan === sc.scan && sc.time > last.time && !sc.closed) {
+        document.getElementById("rate").textContent = sc.counted_per_rank.map(
+          (n, r) => Math.round((n - (last.counted_per_rank[r] || 0)) / (sc.time - last.time))).join(", ");
       }
       last = sc;
     }
@@ -69,7 +70,8 @@ async function refresh() {
       while (t.rows.length > 1) t.deleteRow(1);
       for (const w of s.session.scans_written) {
         const row = t.insertRow();
-        for (const v of [w.scan, w.frames, w.complete, w.incomplete, w.missing,
+        const losses = Object.entries(w.losses || {}).map(([k, v]) => `${k} ${v}`).join(", ");
+        for (const v of [w.scan, w.frames, w.complete, w.incomplete, w.missing, losses || "none",
                          w.latency !== undefined ? w.latency.toFixed(2) : w.failed,
                          w.thresholds ? w.thresholds.map(x => x.toFixed(1)).join(" / ") : "",
                          w.path || ""]) {

@@ -44,6 +44,7 @@ class CountingOptions:
     row_dark: str | None = None
     backend: str = "auto"
     batch_size: int = 32
+    virtual_detectors: str | None = None   #: "CX,CY,BF,ADF_IN,ADF_OUT" pixels, or found per scan
 
     def __post_init__(self):
         if (self.background_threshold is None) != (self.xray_threshold is None):
@@ -53,6 +54,25 @@ class CountingOptions:
             Thresholds(self.background_threshold, self.xray_threshold)  # validates
         if self.samples < 1 or self.sample_frames < 1:
             raise ValueError("--samples and --sample-frames must be >= 1")
+        self.detectors   # validates
+
+    @property
+    def detectors(self):
+        """The scan images' virtual detectors (:class:`fourdstream.images.Detectors`), or None
+        to find them from each scan's summed pattern."""
+        from .images import Detectors
+
+        if self.virtual_detectors is None:
+            return None
+        try:
+            cx, cy, bf, inner, outer = (int(v) for v in self.virtual_detectors.split(","))
+        except ValueError:
+            raise ValueError(f"--virtual-detectors takes CX,CY,BF,ADF_IN,ADF_OUT (whole pixels), "
+                             f"got {self.virtual_detectors!r}") from None
+        if not (0 < bf and 0 <= inner < outer):
+            raise ValueError(f"--virtual-detectors: need BF > 0 and ADF_IN < ADF_OUT, got "
+                             f"{self.virtual_detectors!r}")
+        return Detectors(cx, cy, bf, inner, outer)
 
     @property
     def fixed(self) -> bool:

@@ -88,3 +88,22 @@ def test_virtual_images_equal_stempys_create_stem_images(counted_file):
     # stempy's images of counted data count 65535 per event
     assert np.array_equal(bf, got["bf"].astype(np.uint64) * 65535)
     assert np.array_equal(adf, got["adf"].astype(np.uint64) * 65535)
+
+
+def test_given_virtual_detectors_are_used_and_bad_ones_refused(small_scan, tmp_path):
+    import subprocess
+    import sys
+
+    folder, _, _ = small_scan
+    out = tmp_path / "given.h5"
+    r = subprocess.run([sys.executable, "-m", "fourdstream", "count", str(folder), "-o", str(out),
+                        "--virtual-detectors", "288,290,50,70,150"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out) as f:
+        _, d = images.read(f)
+    assert d == images.Detectors(288, 290, 50, 70, 150)
+    r = subprocess.run([sys.executable, "-m", "fourdstream", "count", str(folder), "-o",
+                        str(tmp_path / "bad.h5"), "--virtual-detectors", "288,290,50,150,70"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "ADF_IN < ADF_OUT" in r.stderr

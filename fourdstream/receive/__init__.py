@@ -153,7 +153,7 @@ class Receiver:
             CoordinatorOptions(timeout=options.timeout, senders=options.senders, scans=options.scans,
                                sample_frames=counting.sample_frames,
                                live_every=1.0 if live else 0.0),
-            log=log if options.progress else None, live=self.live)
+            log=log if options.progress else None, live=self.live, detectors=counting.detectors)
         self.counting = CountingThreads(options.threads)
         self._session: Ledger | None = None
         compiled.warm_up()   # the counting kernel and the writer's event gather, before any scan

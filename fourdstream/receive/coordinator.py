@@ -60,11 +60,12 @@ class Coordinator:
     log : rank 0's progress and decisions (default: silent)
     """
 
-    def __init__(self, comm, ingest, lock, hand, options: CoordinatorOptions, log=None, live=None):
+    def __init__(self, comm, ingest, lock, hand, options: CoordinatorOptions, log=None, live=None,
+                 detectors=None):
         self.comm, self.ingest, self.lock, self.hand, self.options = comm, ingest, lock, hand, options
         self.live = live                   # rank 0: the LiveState the page serves
         self._live_at = 0.0
-        self._live_detectors = None        # the detectors of the live view (kept across scans)
+        self._live_detectors = detectors   # the live view's detectors (given, or kept across scans)
         self.log = log if (log is not None and comm.rank == 0) else None
         self.stop_requested = False        # set by this rank (signal, failure)
         self.stopped = threading.Event()   # agreed: the session is stopping

@@ -137,7 +137,8 @@ class ScanWriter:
             report = write_counted_scan(path, counted, geometry,
                                         electron_counting=calibration.as_dict(),
                                         provenance=provenance, comm=comm,
-                                        overwrite=self.options.overwrite, timeline=timeline)
+                                        overwrite=self.options.overwrite, timeline=timeline,
+                                        detectors=self.template.options.detectors)
         except WriteError as exc:
             return self._failed(share.scan, str(exc))
         closed = time.time()
