@@ -174,7 +174,7 @@ class Publisher:
 
         self.socket = ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, 4)      # a slow subscriber misses updates, never us
-        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.LINGER, 2000)    # the last update (a scan written) still leaves
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._lock = threading.Lock()               # updates come from two threads

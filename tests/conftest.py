@@ -90,7 +90,7 @@ class StreamSession:
                                              *map(str, receiver_args)])
         self.receiver = subprocess.Popen(cmd, env=mpi_environment(), stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True)
-        self.senders = []
+        self.senders, self.sender_outputs = [], []
         try:
             read_endpoints(self.endpoints, wait=60)
         except TimeoutError:
@@ -132,6 +132,7 @@ class StreamSession:
         try:
             for p in self.senders:
                 out, _ = p.communicate(timeout=timeout)
+                self.sender_outputs.append(out)
                 assert p.returncode in np.atleast_1d(sender_status), \
                     f"sender exited {p.returncode}, expected {sender_status}: {out}"
             if senders_only:

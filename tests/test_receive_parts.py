@@ -107,7 +107,7 @@ def test_counting_threads_return_every_batch_and_hand_back_errors():
         seen.append(threading.current_thread().name)
         return int(fn.sum())
 
-    share = SimpleNamespace(counting=SimpleNamespace(count=count), in_flight=0)
+    share = SimpleNamespace(counting=SimpleNamespace(count=count), in_flight=0, live=None)
     workers = CountingThreads(2)
     submitted = 0
     for k in range(6):

@@ -154,8 +154,13 @@ def test_slow_rank_holds_back_senders_and_nothing_is_unaccounted(stream_session,
         assert dropped == 0 and meta["frames_complete"] == 104 and meta["frames_evicted"] == 0
     else:                  # senders gave up: every dropped message is reported
         assert dropped > 0
-    # Every sector message is accounted for: received, dropped by a sender, or lost ...
-    assert meta["messages_received"] + dropped + meta["messages_lost"] == 4 * 104, (meta, output)
+    # Every sector message is accounted for: received, dropped by a sender, or lost (known
+    # from the sender's end message; a sender whose end could not be delivered says so) ...
+    accounted = meta["messages_received"] + dropped + meta["messages_lost"]
+    if any("end of scan not delivered" in o for o in s.sender_outputs):
+        assert accounted <= 4 * 104, (meta, output)
+    else:
+        assert accounted == 4 * 104, (meta, output)
     # ... and every received one was used or counted as late/duplicate/conflicting/malformed.
     assert meta["messages_received"] == meta["sectors_received"] + meta["sectors_late"] + \
         meta["sectors_duplicate"] + meta["sectors_conflicting"] + meta["messages_malformed"]
