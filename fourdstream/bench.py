@@ -52,6 +52,7 @@ import numpy as np
 from . import __version__
 from .detector import FRAME_PIXELS, SECTOR_BYTES
 from .launch import launcher
+from .transport import free_port_block
 
 LINE_RATE_FPS = 87_000           #: 4D Camera frames/s
 LINE_RATE_GBPS = 57.7            #: 4D Camera pixel payload, GB/s
@@ -100,26 +101,6 @@ def _timed(fn, repeats: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t0)
     return out
-
-
-def _free_port_block(n: int) -> int:
-    """A base port with ``n`` consecutive ports free on loopback (best effort)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65535 and all(_port_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no block of free loopback ports found")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def _python(*args) -> list[str]:
@@ -306,7 +287,7 @@ def _transport_once(n: int, raw: bool, keys: Path | None = None) -> float:
     from .assembly import FramePool, ScanShare
     from .detector import ScanGeometry
 
-    base = _free_port_block(4)
+    base = free_port_block(4)
     ctx = zmq.Context()
     auth = security.start_authenticator(ctx, security.receiver_keys(keys)) if keys else None
     socks = []

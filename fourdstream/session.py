@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from .detector import N_SECTORS
 from .launch import mpi_environment, mpiexec_command, python_argv
+from .transport import free_port_block
 
 
 class Journal:
@@ -67,29 +67,6 @@ def scans_by_outcome(events: list[dict]) -> dict[str, set[int]]:
     return out
 
 
-def free_port_block(n: int, host: str = "127.0.0.1") -> int:
-    """A base port with ``n`` consecutive free ports on ``host``."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        taken = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                taken.append(s)
-                s.bind((host, base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in taken:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports on {host}")
-
-
 def pinned_listen(listen: str | None, connect, ranks: int) -> str | None:
     """The ``--listen`` the restarts share: ``*`` ports become one fixed free block, so a
     restarted job binds the addresses the senders already use (None: senders bind)."""
@@ -99,8 +76,7 @@ def pinned_listen(listen: str | None, connect, ranks: int) -> str | None:
     host, port = listen[6:].rsplit(":", 1)
     if port != "*":
         return listen
-    bind_host = "0.0.0.0" if host in ("*", "0.0.0.0") else host
-    return f"tcp://{host}:{free_port_block(ranks * N_SECTORS, bind_host)}"
+    return f"tcp://{host}:{free_port_block(ranks * N_SECTORS, host)}"
 
 
 def supervise(ranks: int, receive_args: list[str], *, journal, listen: str | None, connect=(),

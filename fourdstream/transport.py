@@ -67,6 +67,35 @@ def advertised(url: str, host: str | None = None) -> str:
     return f"tcp://{host}:{port}"
 
 
+def free_port_block(n: int, host: str = "127.0.0.1") -> int:
+    """A base port with ``n`` consecutive ports free on ``host``, below the kernel's
+    ephemeral range: outgoing connections never take those ports, so a block found free
+    stays free until it is bound (ports from the ephemeral range can be taken meanwhile
+    by any process's outgoing connection)."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    bind_host = "0.0.0.0" if host in ("*", "0.0.0.0") else host
+    for _ in range(200):
+        base = random.randrange(10000, max(low - n, 10001))
+        taken = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                taken.append(s)
+                s.bind((bind_host, base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in taken:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports below {low} on {host}")
+
+
 def write_endpoints(path, urls: list[list[str]], chunk: int = DEFAULT_CHUNK) -> None:
     """Write the ranks' addresses (``urls[rank][module]``) and the routing chunk atomically
     (senders may be polling for the file)."""

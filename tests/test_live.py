@@ -16,6 +16,7 @@ from fourdstream.detector import FRAME_PIXELS
 from fourdstream.live import LiveImages, unpack
 from fourdstream.liveserver import parse_address
 from fourdstream.sparse import CountedFrames
+from fourdstream.transport import free_port_block
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -53,11 +54,7 @@ def test_live_address_defaults_to_loopback():
 
 
 def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port_block(1)
 
 
 def _dom(url):
@@ -108,8 +105,12 @@ def test_a_written_scan_is_on_the_page_within_a_second_of_its_file(stream_sessio
     while shown_at is None and time.monotonic() < deadline:
         if file_at is None and first.exists():
             file_at = time.monotonic()
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/state.json", timeout=5) as r:
-            state = json.load(r)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/state.json", timeout=5) as r:
+                state = json.load(r)
+        except OSError:        # the page starts a moment after the endpoints file appears
+            time.sleep(0.05)
+            continue
         if state["session"]["scans_written"]:
             shown_at = time.monotonic()
             file_at = file_at or shown_at

@@ -19,6 +19,7 @@ import pytest
 from fourdstream.detector import ScanGeometry, parse_scan_size
 from fourdstream.io import open_counted
 from fourdstream.simulate import Simulator, write_scan
+from fourdstream.transport import free_port_block
 from slurm_cluster import SlurmCluster, missing
 from test_streaming import SCAN, SEED, offline, offline_calibration, simulated
 
@@ -104,7 +105,7 @@ def _stream_job(cluster, tmp_path, scans: int, tasks_per_node: int):
     site.write_text(f"""timeout = 20.0
 [receive]
 output = "session"
-listen = "tcp://*:{_free_port_block(4 * 2 * tasks_per_node)}"
+listen = "tcp://*:{free_port_block(4 * 2 * tasks_per_node, '*')}"
 endpoints_file = "session/endpoints.json"
 summary_json = "session/session.json"
 [send]
@@ -198,38 +199,14 @@ def test_stream_sbatch_restarts_the_receiver_in_the_allocation_when_a_rank_dies(
         _check_exact(f, ranks=2)
 
 
-def _free_port_block(n: int) -> int:
-    """A base port with ``n`` free ports above it."""
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65000:
-            continue
-        try:
-            socks = []
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("0.0.0.0", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free ports")
-
-
 def test_bench_sbatch_quick_reports_every_stage_with_ranks_started_by_srun(cluster, tmp_path):
     """The harness inside an allocation starts its MPI jobs with srun (FOURDSTREAM_MPIEXEC
     from the script, with the plugin chosen for mpi4py's MPI)."""
     from fourdstream.bench import DEFAULT_STAGES
 
     results, log = tmp_path / "bench.jsonl", tmp_path / "bench.log"
-    job = _submit(cluster, "bench.sbatch", results, "--quick", nodes=1, tasks_per_node=4, log=log)
+    job = _submit(cluster, "bench.sbatch", results, "--quick", "--repeats", 1, nodes=1,
+                  tasks_per_node=4, log=log)   # one repeat after the warm-up: half the time
     text = _finished(cluster, job, log, timeout=900)
     record = json.loads(results.read_text().splitlines()[-1])
     assert record["machine"]["launcher"].startswith("srun --mpi=pmix"), record["machine"]

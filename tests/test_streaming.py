@@ -15,6 +15,7 @@ from fourdstream.counting import ElectronCounter, Thresholds
 from fourdstream.detector import ScanGeometry, parse_scan_size, sector_slice
 from fourdstream.io import open_counted
 from fourdstream.simulate import Simulator
+from fourdstream.transport import free_port_block
 
 SCAN = "12x8"       # 13x8 positions with the flyback column: 104 frames
 SEED = 3
@@ -210,9 +211,8 @@ def test_senders_give_up_within_the_send_timeout_when_the_receiver_job_dies(stre
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A base port with 32 free ports above it (see fourdstream.transport.free_port_block)."""
+    return free_port_block(32)
 
 
 @pytest.mark.parametrize("fields", [9, 8])
