@@ -164,3 +164,10 @@ def test_the_live_stream_and_watch_end_with_the_files_exact_images(stream_sessio
         stored, _ = images.read(f)
     assert f"BF {int(stored['bf'].sum()):,}, ADF {int(stored['adf'].sum()):,} events" in last
     assert png.stat().st_size > 10_000
+
+
+def test_the_page_works_offline_no_scripts_or_styles_from_elsewhere():
+    from fourdstream.liveserver import PAGE
+
+    assert "<script src" not in PAGE and "<link" not in PAGE
+    assert "http://" not in PAGE and "https://" not in PAGE and "//cdn" not in PAGE
