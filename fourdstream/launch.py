@@ -90,6 +90,10 @@ def mpi_environment(env: dict | None = None) -> dict:
     env.setdefault("OMPI_MCA_btl", "self,vader")   # shared memory on one node, no network probing
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")  # containers lack CMA
     env.setdefault("OMPI_MCA_hwloc_base_binding_policy", "none")  # oversubscribed: don't pin
+    # Open MPI 4.1 maps the hwloc topology into shared memory at an address it guesses; when
+    # the guess collides, mpiexec/orted segfault in hwloc_shmem_topology_write (seen here about
+    # once in a few hundred jobs). Each process reading the topology itself costs milliseconds.
+    env.setdefault("OMPI_MCA_rtc_hwloc_vmhole", "none")
     return env
 
 
