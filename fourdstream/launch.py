@@ -81,9 +81,19 @@ def python_argv(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+#: Variables by which Open MPI and PMIx tell a process which job it belongs to. A process
+#: that initialised MPI (even as a singleton) passes them on to its children, and an
+#: ``mpiexec`` that inherits them fails at once without a word: a job started from such a
+#: process must not see them.
+ENCLOSING_JOB = ("PMIX_", "OMPI_MCA_ess", "OMPI_MCA_orte_", "OMPI_MCA_pmix", "OMPI_APP_CTX",
+                 "OMPI_COMM_WORLD", "OMPI_UNIVERSE_SIZE", "ORTE_SCHIZO")
+
+
 def mpi_environment(env: dict | None = None) -> dict:
-    """Environment for a local Open MPI run: allow root, oversubscription, loopback only."""
-    env = dict(os.environ if env is None else env)
+    """Environment for a new Open MPI job: no trace of an enclosing MPI job; allow root,
+    oversubscription, loopback only."""
+    env = {k: v for k, v in (os.environ if env is None else env).items()
+           if not k.startswith(ENCLOSING_JOB)}
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")

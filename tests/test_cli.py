@@ -101,3 +101,17 @@ def test_count_uses_the_cores_available_by_default(small_scan, tmp_path):
     assert r.exit_code == 0, r.output
     meta = open_counted(tmp_path / "c.h5").metadata["fourdstream"]
     assert meta["threads_per_rank"] == len(os.sched_getaffinity(0)) and meta["ranks"] == 1
+
+
+def test_a_new_mpi_job_does_not_inherit_the_identity_of_an_enclosing_one():
+    """A process that initialised MPI passes PMIX_*/OMPI_* job variables to its children;
+    an mpiexec started with them exits 1 without a word (seen from `fourdstream session`
+    started by a test process that had run MPI in-process)."""
+    from fourdstream.launch import mpi_environment
+
+    parent = {"PMIX_RANK": "0", "PMIX_NAMESPACE": "1", "OMPI_MCA_ess": "singleton",
+              "OMPI_MCA_orte_launch": "1", "OMPI_APP_CTX_NUM_PROCS": "1", "PATH": "/bin",
+              "OMPI_MCA_btl": "self,tcp"}
+    env = mpi_environment(parent)
+    assert not any(k.startswith(("PMIX_", "OMPI_MCA_ess", "OMPI_MCA_orte", "OMPI_APP")) for k in env)
+    assert env["PATH"] == "/bin" and env["OMPI_MCA_btl"] == "self,tcp"   # the user's choices stay
