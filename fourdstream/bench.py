@@ -289,13 +289,14 @@ def _transport_once(n: int, raw: bool, keys: Path | None = None) -> float:
 
     base = free_port_block(4)
     ctx = zmq.Context()
-    auth = security.start_authenticator(ctx, security.receiver_keys(keys)) if keys else None
+    server = security.receiver_keys(keys) if keys else None
+    auth = security.start_authenticator(ctx, server) if server else None
     socks = []
     for m in range(4):
         s = ctx.socket(zmq.PULL)
         s.setsockopt(zmq.RCVHWM, 100)
-        if keys:
-            security.as_server(s, security.receiver_keys(keys))
+        if server:
+            security.as_server(s, server)
         s.bind(f"tcp://127.0.0.1:{base + m}")
         socks.append(s)
     width = max(int(np.ceil(np.sqrt(n))), 1)

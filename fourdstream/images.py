@@ -72,6 +72,18 @@ def pattern_of(counted) -> np.ndarray:
     return np.bincount(counted.events, minlength=FRAME_PIXELS).astype(np.int64)
 
 
+def from_sums(sums: np.ndarray, masks: np.ndarray, seen: np.ndarray, detectors: Detectors) -> dict:
+    """Flat images from per-position sums (``sums`` (5, n): events, sum of x, sum of y, in
+    BF, in ADF; ``masks``: AND of the frames' sector masks; ``seen``: positions with a frame)."""
+    counts = sums[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        com_x = np.where(counts > 0, sums[1] / counts - detectors.centre_x, 0.0)
+        com_y = np.where(counts > 0, sums[2] / counts - detectors.centre_y, 0.0)
+    return {"counts": counts.astype(np.uint32), "bf": sums[3].astype(np.uint32),
+            "adf": sums[4].astype(np.uint32), "com_x": com_x.astype(np.float32),
+            "com_y": com_y.astype(np.float32), "sector_mask": np.where(seen, masks, 0).astype(np.uint8)}
+
+
 def slab_images(counted, lo: int, hi: int, detectors: Detectors) -> dict:
     """Images of positions ``lo .. hi-1`` from ``counted`` (frames of those positions only),
     flat arrays of ``hi - lo``."""
@@ -79,15 +91,9 @@ def slab_images(counted, lo: int, hi: int, detectors: Detectors) -> dict:
 
     sums, masks = position_sums(counted.events, counted.offsets, counted.position - lo, hi - lo,
                                 (detectors.centre_x, detectors.centre_y), detectors.radii, counted.mask)
-    has_frame = np.zeros(hi - lo, bool)
-    has_frame[counted.position - lo] = True
-    counts = sums[0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        com_x = np.where(counts > 0, sums[1] / counts - detectors.centre_x, 0.0)
-        com_y = np.where(counts > 0, sums[2] / counts - detectors.centre_y, 0.0)
-    return {"counts": counts.astype(np.uint32), "bf": sums[3].astype(np.uint32),
-            "adf": sums[4].astype(np.uint32), "com_x": com_x.astype(np.float32),
-            "com_y": com_y.astype(np.float32), "sector_mask": np.where(has_frame, masks, 0).astype(np.uint8)}
+    seen = np.zeros(hi - lo, bool)
+    seen[counted.position - lo] = True
+    return from_sums(sums, masks, seen, detectors)
 
 
 def scan_images(counted, geometry, bounds, comm, detectors: Detectors | None = None):

@@ -22,11 +22,7 @@ import time
 import numpy as np
 
 from .detector import FRAME_PIXELS, FRAME_SHAPE
-from .images import Detectors
-
-#: Bytes a rank holds per scan position for the live view (5 int64 sums, mask, seen).
-BYTES_PER_POSITION = 42
-
+from .images import Detectors, from_sums
 
 class LiveImages:
     """One rank's live sums of one scan (thread-safe: counting threads add, the
@@ -72,16 +68,10 @@ class LiveImages:
 def unpack(total: np.ndarray, n_positions: int, detectors: Detectors, shape) -> dict:
     """The images of a reduced :meth:`LiveImages.snapshot`."""
     n = n_positions
-    sums = total[:5 * n].reshape(5, n)
-    counts = sums[0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        com_x = np.where(counts > 0, sums[1] / counts - detectors.centre_x, 0.0)
-        com_y = np.where(counts > 0, sums[2] / counts - detectors.centre_y, 0.0)
-    return {"counts": counts.reshape(shape), "bf": sums[3].reshape(shape), "adf": sums[4].reshape(shape),
-            "com_x": com_x.reshape(shape), "com_y": com_y.reshape(shape),
-            "sector_mask": (total[5 * n:6 * n] & 0x0F).astype(np.uint8).reshape(shape),
-            "pattern": total[7 * n:7 * n + FRAME_PIXELS].reshape(FRAME_SHAPE),
-            "frames": int(total[-1])}
+    flat = from_sums(total[:5 * n].reshape(5, n), total[5 * n:6 * n] & 0x0F, total[6 * n:7 * n] > 0,
+                     detectors)
+    return dict({k: v.reshape(shape) for k, v in flat.items()},
+                pattern=total[7 * n:7 * n + FRAME_PIXELS].reshape(FRAME_SHAPE), frames=int(total[-1]))
 
 
 def reduce_live(comm, share, geometry, detectors: Detectors | None):
