@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, config
+from . import __version__, config, launch
 from .detector import ScanGeometry, parse_scan_size
 from .route import DEFAULT_CHUNK
 
@@ -69,6 +69,7 @@ def main():
     `fourdstream export` writes it for py4DSTEM and LiberTEM. Run a command with --help
     for its options, units and defaults.
     """
+    launch.singleton_defaults()
 
 
 #: ``--config FILE`` (a deployment's TOML file; see :mod:`fourdstream.config`).
@@ -118,8 +119,9 @@ counting_options = _option_group(
                      show_default=True,
                      help="Counting kernel: cpu = compiled (numba), gpu = CuPy, numpy = the "
                           "array-module reference; auto = gpu if a CUDA device answers, else cpu."),
-        click.option("--batch-size", type=int, default=32, show_default=True,
-                     help="Frames counted per batch."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Frames counted per batch. Default: 32 when receiving, 8 when counting "
+                          "files (a batch read from files stays in the CPU cache until counted)."),
         click.option("--virtual-detectors", default=None, metavar="CX,CY,BF,ADF_IN,ADF_OUT",
                      help="The scan images' virtual detectors, whole pixels: centre, BF disc radius, "
                           "ADF ring radii. Default: found from each scan's summed pattern."),

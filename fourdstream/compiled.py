@@ -8,9 +8,13 @@ clamping, the strict 8-neighbour maximum, borders, plateaus, row-dark.
 
 One pass over each frame in blocks of 64 pixels: a block whose raw values are
 all below the candidate floor (the least raw value that can pass ``v > bg``)
-is skipped after one vectorised comparison; inside the few blocks with a
-candidate the exact rule is applied pixel by pixel. At NCEM doses almost every
-block is skipped, so the kernel runs near the speed of reading the frame once.
+is skipped after one vectorised comparison. In the few blocks with a
+candidate, the candidates become the bits of one 64-bit word (a vector
+compare against the per-pixel floor), and each set bit's value is compared
+with the largest of its 8 neighbours' values, without branches: on these
+sparse frames a mispredicted branch costs more than the arithmetic. Without a
+gain or row-dark the values are integers read through the floor
+(``raw - floor + floor(bg) + 1``), so no dark table is read.
 It releases the GIL (``nogil``), so threads count batches in parallel, and it
 is compiled once and cached on disk next to this module (``cache=True``; set
 ``NUMBA_CACHE_DIR`` where that folder is read-only).
@@ -20,90 +24,103 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.cpython.unsafe.numbers import trailing_zeros   # LLVM's cttz
 
 from .counting import ElectronCounter
+
 from .detector import FRAME_COLS, FRAME_PIXELS, FRAME_ROWS, FRAME_SHAPE
 
 BLOCK = 64
-#: How values are corrected (see ElectronCounter): integer dark, float32 gain, row-dark.
-_INTEGER, _GAIN, _ROW_DARK = 0, 1, 2
 #: Events per frame the output buffer holds at first (it grows when a batch needs more).
 _EVENTS_PER_FRAME = 2048
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _value(raw, j, mode, dark_i, dark_f, gain_inv, has_gain, scale, bg, xr, bg32, xr32):
-    """Thresholded value of pixel ``j`` (0 where it fails ``bg < v < xr``), as float64."""
-    if mode == _INTEGER:
-        v = np.int32(raw[j]) - dark_i[j]
-        return np.float64(v) if bg < v < xr else 0.0
-    if mode == _GAIN:
-        g = (np.float32(raw[j]) - dark_f[j]) * gain_inv[j]
-        return np.float64(g) if bg < g < xr else 0.0
-    r = j // FRAME_COLS
-    h = (j - r * FRAME_COLS) // (FRAME_COLS // 2)
-    w = (np.float32(raw[j]) - dark_f[j]) * scale[r, h]
-    if has_gain:
+def _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr):
+    """Thresholded value of pixel ``j``: its corrected value where ``bg < v < xr``, else 0.
+
+    Which correction is compiled in follows the arguments' types (numba drops the
+    branches of the arguments that are ``None``), so that each kind of set-up gets a
+    kernel of its own with no branch on it in the inner loop:
+
+    * ``dark is None``: the integer path, exact through the candidate floor:
+      ``v = raw - trunc(D) = raw - floor + offset`` and ``v > bg <=> raw >= floor``;
+    * else float32 ``(raw - dark) [* row-dark scale] [* gain_inv]``; with row-dark
+      clamped at 0 and compared in float32, as the reference does.
+    """
+    if dark is None:
+        x = np.int32(raw[j])
+        f = np.int32(floor[j])
+        v = x - f + offset
+        return np.float64(v) if (x >= f) & (v < xr) else 0.0
+    w = np.float32(raw[j]) - dark[j]
+    if scale is not None:
+        r = j // FRAME_COLS
+        w = w * scale[r, (j - r * FRAME_COLS) // (FRAME_COLS // 2)]
+    if gain_inv is not None:
         w = w * gain_inv[j]
-    w = max(w, np.float32(0))
-    return np.float64(w) if bg32 < w < xr32 else 0.0
+    if scale is not None:
+        w = max(w, np.float32(0))
+        return np.float64(w) if (np.float32(bg) < w) & (w < np.float32(xr)) else 0.0
+    return np.float64(w) if (bg < w) & (w < xr) else 0.0
 
 
 @numba.njit(nogil=True, cache=True)
-def _count(frames, floor, block_floor, block, mode, dark_i, dark_f, gain_inv, has_gain, scales,
-           bg, xr, out, offsets):
-    """Events of ``frames`` (n, 331776) uint16 into ``out``; offsets (n + 1,) filled.
+def _count(frames, floor, block_floor, block, offset, dark, gain_inv, scales, bg, xr, out, offsets):
+    """Events of ``frames`` (n, 331776) uint16 into ``out``; ``offsets`` (n + 1,) filled.
 
-    ``floor``: per-pixel candidate floor (uint16, 0 for row-dark); ``block_floor``:
-    its minimum over each block of ``block`` pixels (a runtime value, so that the
-    block test is compiled as a vector loop). Returns the number of events; when
-    it exceeds ``len(out)`` the events past the end were not stored (call again
-    with a larger ``out``).
+    ``floor``: the per-pixel candidate floor (331776,) uint16; ``block_floor``: its
+    minimum over each block of ``BLOCK`` pixels; ``block``: ``BLOCK`` again, passed
+    as a runtime value so that the block test is compiled as a vector loop; ``offset``: ``floor(bg) + 1``; ``scales``: row-dark factors
+    (n, 576, 2) or None. Returns the number of events; when it exceeds
+    ``len(out)`` the events past the end were not stored (call again with a larger
+    ``out``).
+
+    Past the block test, the block's candidates (raw >= floor) become the bits of
+    one 64-bit word (a vector compare), visited lowest first; each one's value is
+    compared with the largest of its 8 neighbours' values, without branches.
     """
-    bg32, xr32 = np.float32(bg), np.float32(xr)
     n = frames.shape[0]
-    blocks = frames.reshape(n, FRAME_PIXELS // block, block)
+    blocks = frames.reshape(n, FRAME_PIXELS // BLOCK, BLOCK)
+    floors = floor.reshape(FRAME_PIXELS // BLOCK, BLOCK)
     total = 0
     for i in range(n):
         offsets[i] = total
         raw = frames[i]
-        scale = scales[i]
-        for b in range(FRAME_PIXELS // block):
+        scale = None if scales is None else scales[i]
+        for b in range(FRAME_PIXELS // BLOCK):
             top = np.uint16(0)        # skip the block unless a pixel reaches the floor
-            pixels = blocks[i, b]
             for k in range(block):
-                top = max(top, pixels[k])
+                top = max(top, blocks[i, b, k])
             if top < block_floor[b]:
                 continue
-            for j in range(b * block, (b + 1) * block):
-                if raw[j] < floor[j]:
-                    continue
-                t = _value(raw, j, mode, dark_i, dark_f, gain_inv, has_gain, scale, bg, xr, bg32, xr32)
-                if t <= 0:
-                    continue
+            found = np.uint64(0)      # bit k: pixel k of the block reaches its floor
+            for k in range(BLOCK):
+                found |= np.uint64(blocks[i, b, k] >= floors[b, k]) << np.uint64(k)
+            while found:
+                j = b * BLOCK + trailing_zeros(found)
+                found &= found - np.uint64(1)
+                t = _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr)
                 row = j // FRAME_COLS
                 col = j - row * FRAME_COLS
-                is_max = True
-                for dr in range(-1, 2):
-                    rr = row + dr
-                    if rr < 0 or rr >= FRAME_ROWS:
-                        continue
-                    for dc in range(-1, 2):
-                        cc = col + dc
-                        if (dr == 0 and dc == 0) or cc < 0 or cc >= FRAME_COLS:
-                            continue
-                        jn = rr * FRAME_COLS + cc   # below its floor a neighbour is 0 < t
-                        if raw[jn] >= floor[jn] and _value(raw, jn, mode, dark_i, dark_f, gain_inv,
-                                                           has_gain, scale, bg, xr, bg32, xr32) >= t:
-                            is_max = False
-                            break
-                    if not is_max:
-                        break
-                if is_max:
+                top_neighbour = 0.0
+                if 0 < row < FRAME_ROWS - 1 and 0 < col < FRAME_COLS - 1:
+                    for d in (-FRAME_COLS - 1, -FRAME_COLS, -FRAME_COLS + 1, -1, 1,
+                              FRAME_COLS - 1, FRAME_COLS, FRAME_COLS + 1):
+                        top_neighbour = max(top_neighbour, _value(raw, j + d, floor, offset, dark,
+                                                                  gain_inv, scale, bg, xr))
+                else:                 # a border pixel: neighbours outside the frame count as 0
+                    for rr in range(max(row - 1, 0), min(row + 2, FRAME_ROWS)):
+                        for cc in range(max(col - 1, 0), min(col + 2, FRAME_COLS)):
+                            if rr != row or cc != col:
+                                top_neighbour = max(top_neighbour, _value(
+                                    raw, rr * FRAME_COLS + cc, floor, offset, dark, gain_inv,
+                                    scale, bg, xr))
+                if top_neighbour < t:
                     if total < out.shape[0]:
                         out[total] = j
                     total += 1
-    offsets[frames.shape[0]] = total
+    offsets[n] = total
     return total
 
 
@@ -189,18 +206,20 @@ class CompiledCounter(ElectronCounter):
     def __init__(self, thresholds=None, dark=None, gain=None, *, row_dark=None,
                  optimized_mean: float = 20.0, **_):
         super().__init__(thresholds, dark, gain, row_dark=row_dark, optimized_mean=optimized_mean)
-        if row_dark is not None:
-            self._mode = _ROW_DARK
-        else:
-            self._mode = _GAIN if self.has_gain else _INTEGER
-        self._dark_i = np.zeros(1, np.int32) if self.has_gain else self._dark
-        self._dark_f = self._dark.astype(np.float32)
-        self._gain = self._gain_inv if self.has_gain else np.zeros(1, np.float32)
-        if thresholds is not None:
-            # Row-dark scales every half-row by its own factor: no floor, every pixel is evaluated.
-            floor = np.broadcast_to(np.uint16(0) if row_dark else self._floor, (FRAME_PIXELS,))
-            self._pixel_floor = np.ascontiguousarray(floor, np.uint16)
-            self._block_floor = self._pixel_floor.reshape(-1, BLOCK).min(axis=1)
+        if thresholds is None:
+            return
+        floor = np.broadcast_to(self._floor, (FRAME_PIXELS,))
+        # The integer path reads values through the floor where the floor is exact:
+        # trunc(D) + floor(bg) + 1 not clipped to uint16. Else the float32 path.
+        self._offset = int(np.floor(thresholds.background)) + 1
+        exact = not self.has_gain and row_dark is None and bool(
+            (self._dark.min() + self._offset >= 0) & (self._dark.max() + self._offset <= 0xFFFF))
+        self._dark_f = None if exact else self._dark.astype(np.float32)
+        self._gain = self._gain_inv if self.has_gain else None
+        if row_dark is not None:     # every half-row has its own scale: every pixel is a candidate
+            floor = np.zeros(FRAME_PIXELS, np.uint16)
+        self._pixel_floor = np.ascontiguousarray(floor, np.uint16)
+        self._block_floor = self._pixel_floor.reshape(-1, BLOCK).min(axis=1)
 
     def count(self, frames):
         """Count a batch ``(n, 576, 576)`` uint16; returns ``(events uint32, offsets int64)``."""
@@ -210,15 +229,13 @@ class CompiledCounter(ElectronCounter):
             raise ValueError(f"frames must be (n, 576, 576), got {frames.shape}")
         n = len(frames)
         flat = np.ascontiguousarray(frames).reshape(n, FRAME_PIXELS)
-        scales = (self.row_dark_scale(frames) if self._mode == _ROW_DARK
-                  else np.ones((n, 1, 1), np.float32))
+        scales = self.row_dark_scale(frames) if self.row_dark is not None else None
         offsets = np.zeros(n + 1, np.int64)
         out = np.empty(max(n, 1) * _EVENTS_PER_FRAME, np.uint32)
         while True:
-            total = _count(flat, self._pixel_floor, self._block_floor, BLOCK, self._mode,
-                           self._dark_i, self._dark_f, self._gain, self.has_gain, scales,
-                           float(self.thresholds.background), float(self.thresholds.xray),
-                           out, offsets)
+            total = _count(flat, self._pixel_floor, self._block_floor, BLOCK, self._offset,
+                           self._dark_f, self._gain, scales, float(self.thresholds.background),
+                           float(self.thresholds.xray), out, offsets)
             if total <= len(out):
                 return out[:total].copy(), offsets
             out = np.empty(total, np.uint32)

@@ -89,6 +89,21 @@ ENCLOSING_JOB = ("PMIX_", "OMPI_MCA_ess", "OMPI_MCA_orte_", "OMPI_MCA_pmix", "OM
                  "OMPI_COMM_WORLD", "OMPI_UNIVERSE_SIZE", "ORTE_SCHIZO")
 
 
+#: Variables a launcher (mpiexec, srun, a PMI server) gives each rank it starts.
+LAUNCHED = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "SLURM_STEP_ID")
+
+
+def singleton_defaults(env=os.environ) -> None:
+    """Open MPI settings for a process that no launcher started (an MPI job of one rank,
+    as ``fourdstream count`` without mpiexec): point-to-point over ob1 (self and shared
+    memory), unless the user chose otherwise. It needs no network, and Open MPI's search
+    for UCX takes 0.2 of the 0.35 s that MPI takes to start here. Call before mpi4py's
+    ``MPI`` is imported."""
+    if not any(k in env for k in LAUNCHED):
+        env.setdefault("OMPI_MCA_pml", "ob1")
+        env.setdefault("OMPI_MCA_btl", "self,vader")
+
+
 def mpi_environment(env: dict | None = None) -> dict:
     """Environment for a new Open MPI job: no trace of an enclosing MPI job; allow root,
     oversubscription, loopback only."""
@@ -97,7 +112,8 @@ def mpi_environment(env: dict | None = None) -> dict:
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
-    env.setdefault("OMPI_MCA_btl", "self,vader")   # shared memory on one node, no network probing
+    env.setdefault("OMPI_MCA_pml", "ob1")          # shared memory on one node, no network probing
+    env.setdefault("OMPI_MCA_btl", "self,vader")
     env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")  # containers lack CMA
     env.setdefault("OMPI_MCA_hwloc_base_binding_policy", "none")  # oversubscribed: don't pin
     # Open MPI 4.1 maps the hwloc topology into shared memory at an address it guesses; when

@@ -5,8 +5,9 @@ frames of the positions it owns under the routing rule that streaming uses
 (:func:`fourdstream.route.owner`: chunks of positions dealt round-robin), reads
 the sample frames it holds for the joint threshold calibration, and counts its
 frames in batches with ``threads`` threads, each reading and counting its own
-batch (file reads and the kernels release the GIL, so reading is parallel too),
-at most ``threads + 1`` batches in memory.
+batch (file reads and the kernels release the GIL, so reading is parallel too)
+in a buffer of its own that it reuses, so the frames' memory is ``threads``
+batches.
 The writer then moves the counted events to the rank that writes their slab of
 the file.
 """
@@ -15,16 +16,23 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .calibrate import Calibration
+from .detector import FRAME_SHAPE, PIXEL_DTYPE
 from .pipeline import ScanCounting
 from .rawfile import RawScan
 from .route import DEFAULT_CHUNK, owner
 from .sparse import CountedFrames
+
+#: Frames a thread reads and counts at once by default: 8 frames (5.3 MB) stay in the
+#: CPU cache from the read to the count, and the read of one batch overlaps the count
+#: of another's (1 vs 2 threads on a 2-core machine: 1.5x, against 1.15x with 32).
+READ_BATCH = 8
 
 
 @dataclasses.dataclass
@@ -67,11 +75,15 @@ def count_raw_scan(scan: RawScan, counting: ScanCounting, *, chunk: int = DEFAUL
         if progress is not None:
             progress(len(part))
 
+    batch_size = counting.options.batch_size or READ_BATCH
+    buffers = threading.local()      # each thread reads into its own batch buffer, reused
+
     def read_and_count(index):
-        batch = scan.read(index)
+        if not hasattr(buffers, "frames"):
+            buffers.frames = np.empty((batch_size,) + FRAME_SHAPE, PIXEL_DTYPE)
+        batch = scan.read(index, out=buffers.frames)
         return counting.count(batch.frames, batch.frame_number, batch.position, batch.mask)
 
-    batch_size = counting.options.batch_size
     with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="fourdstream-count") as pool:
         for start in range(0, len(mine), batch_size):
             in_flight.append(pool.submit(read_and_count, mine[start:start + batch_size]))

@@ -43,10 +43,12 @@ class CountingOptions:
     gain: str | None = None
     row_dark: str | None = None
     backend: str = "auto"
-    batch_size: int = 32
+    batch_size: int | None = None        #: None: RECEIVE_BATCH or READ_BATCH, by command
     virtual_detectors: str | None = None   #: "CX,CY,BF,ADF_IN,ADF_OUT" pixels, or found per scan
 
     def __post_init__(self):
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
         if (self.background_threshold is None) != (self.xray_threshold is None):
             raise ValueError("give both --background-threshold and --xray-threshold for fixed "
                              "thresholds, or neither to calibrate them per scan")

@@ -115,3 +115,32 @@ def test_a_new_mpi_job_does_not_inherit_the_identity_of_an_enclosing_one():
     env = mpi_environment(parent)
     assert not any(k.startswith(("PMIX_", "OMPI_MCA_ess", "OMPI_MCA_orte", "OMPI_APP")) for k in env)
     assert env["PATH"] == "/bin" and env["OMPI_MCA_btl"] == "self,tcp"   # the user's choices stay
+
+
+def test_a_process_no_launcher_started_uses_shared_memory_mpi_unless_told():
+    """Without mpiexec/srun a command is an MPI job of one rank: Open MPI's point-to-point
+    layer is ob1 (no search for a network, 0.2 s), unless the user set one; under a
+    launcher nothing is changed."""
+    import os
+    import subprocess
+    import sys
+
+    from fourdstream.launch import singleton_defaults
+
+    alone = {"PATH": "/bin"}
+    singleton_defaults(alone)
+    assert alone["OMPI_MCA_pml"] == "ob1" and alone["OMPI_MCA_btl"] == "self,vader"
+    chosen = {"OMPI_MCA_pml": "ucx"}
+    singleton_defaults(chosen)
+    assert chosen["OMPI_MCA_pml"] == "ucx"
+    launched = {"OMPI_COMM_WORLD_SIZE": "2"}
+    singleton_defaults(launched)
+    assert "OMPI_MCA_pml" not in launched
+    # The command line applies it before MPI starts: the singleton's MPI reports ob1.
+    code = ("import os; from fourdstream import cli; from click.testing import CliRunner; "
+            "CliRunner().invoke(cli.main, ['keys', '--help']); from mpi4py import MPI; "
+            "print(os.environ['OMPI_MCA_pml'], MPI.COMM_WORLD.size)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_", "SLURM_"))}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["ob1", "1"]

@@ -137,6 +137,19 @@ def test_random_frames_match_dense_reference(Counter, use_gain):
         assert np.array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("dark_range", [(-60, -20), (65500, 65535)], ids=["negative", "near-full-scale"])
+def test_dark_whose_floor_leaves_uint16_matches_dense_reference(Counter, dark_range):
+    """A dark far outside the raw range clips the candidate floor to 0 or 65535; the
+    compiled kernel then cannot read values through the floor and takes its float path."""
+    rng = np.random.default_rng(9)
+    frames = rng.integers(0, 0xFFFF, (3, 576, 576), dtype=np.uint16, endpoint=True)
+    frames[:, ::3] = rng.integers(0, 40, frames[:, ::3].shape)
+    dark = rng.uniform(*dark_range, (576, 576)).astype(np.float32)
+    counter = Counter(Thresholds(7.5, 30000.0), dark)
+    for ours, ref in zip(events_per_frame(counter, frames), dense_reference(frames, 7.5, 30000.0, dark)):
+        assert np.array_equal(ours, ref)
+
+
 def test_row_dark_matches_its_definition(Counter):
     rng = np.random.default_rng(8)
     frames = rng.poisson(30, (2, 576, 576)).astype(np.uint16)

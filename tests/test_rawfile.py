@@ -1,3 +1,4 @@
+import os
 import shutil
 
 import numpy as np
@@ -46,6 +47,29 @@ def test_written_files_read_back_bit_for_bit(small_scan, small_sim):
     parts = list(scan.batches(batch_size=10))
     assert [len(b) for b in parts] == [10] * 5 + [4]
     assert np.array_equal(np.concatenate([b.frames for b in parts]), frames)
+
+
+def test_reading_into_a_reused_buffer(small_scan):
+    folder, frames, _ = small_scan
+    scan = RawScan([folder])
+    buffer = np.full((8, 576, 576), 0xABCD, np.uint16)      # stale content must not survive
+    for start in range(0, 54, 8):
+        batch = scan.read(np.arange(start, min(start + 8, 54)), out=buffer)
+        assert np.shares_memory(batch.frames, buffer)
+        assert np.array_equal(batch.frames, frames[start:start + 8])
+    with pytest.raises(ValueError, match="at least"):
+        scan.read(np.arange(9), out=buffer)
+    with pytest.raises(ValueError, match="uint16"):
+        scan.read(np.arange(2), out=buffer.astype(np.int32))
+
+
+def test_file_truncated_after_indexing_is_a_clear_error(scan_copy):
+    folder, _ = scan_copy
+    scan = RawScan([folder])
+    path = _files(folder, 1)[0]
+    os.truncate(path, REC + 100)               # the second record now ends early
+    with pytest.raises(RawFormatError, match="truncated after indexing"):
+        scan.read(slice(None))
 
 
 def test_reference_reader_reads_our_files(small_scan):
@@ -138,7 +162,8 @@ def test_missing_module_gives_incomplete_frames_with_their_mask(scan_copy):
     s = scan.summary()
     assert s["modules_without_files"] == [2] and s["frames_incomplete"] == 54
     assert (scan.mask == 0b1011).all()
-    batch = scan.read(slice(None))
+    stale = np.full((54, 576, 576), 7, np.uint16)
+    batch = scan.read(slice(None), out=stale)          # missing sectors are zeroed in a reused buffer
     assert not batch.frames[:, 288:432].any()
     assert np.array_equal(batch.frames[:, :288], frames[:, :288])
 

@@ -59,9 +59,11 @@ __all__ = ["Receiver", "ReceiverOptions", "memory_bound_mb", "format_scan_summar
            "rank_concurrency"]
 
 #: Resident memory of a rank before any frame arrives (interpreter, numpy, h5py,
-#: mpi4py, pyzmq, scipy, numba and the compiled kernel: 217 MB measured on
+#: mpi4py, pyzmq, numba and the compiled kernel: 217 MB measured on
 #: Debian 12 / Python 3.11 with the kernel cached, 236 MB compiling it), MB, with margin.
 BASE_RSS_MB = 260
+#: Frames counted per batch when --batch-size is not given.
+RECEIVE_BATCH = 32
 
 
 def memory_bound_mb(window: int, hwm: int, batch_size: int, threads: int = 1,
@@ -120,7 +122,7 @@ class Receiver:
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         coordinator_comm, writer_comm = comm.Dup(), comm.Dup()
         self.template = ScanCounting(counting, coordinator_comm)   # loads references once
-        self.batch = counting.batch_size
+        self.batch = counting.batch_size or RECEIVE_BATCH
         self.lock = threading.RLock()
         journal = Journal(options.journal) if options.journal and self.rank == 0 else None
         self.live, self._stop_live, self.publisher = None, None, None
