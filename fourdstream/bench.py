@@ -2,15 +2,19 @@
 
 Stages and their ceilings (each measured in the same run, right next to the stage):
 
-* **counting**: the kernel's frames/s on one core vs one numpy memory pass over
-  the same frames (``frames.max()``: reading every pixel once), vs one threshold
-  pass (``flatnonzero(frames > bg)``: the least any counting method must do), and
-  vs stempy's ``electron_count_frame``;
+* **counting**: the compiled kernel's frames/s on one core at 15, 150 and 1,500
+  electrons/frame, plain, with a dark, with a dark and a gain, vs one read of the
+  same frames (the faster of numpy's ``frames.max()`` and a compiled pass), and vs
+  stempy's ``electron_count_frame``; the kernel's compilation, uncached and cached;
+* **count command**: ``fourdstream count`` on raw files, process start to file
+  closed, vs stempy's threaded count of the same files and vs numpy reading them
+  on the same threads; 1 vs all threads;
 * **transport**: 4 module senders -> one rank's 4 sockets, decoded and assembled
   into frames (fourdstream's own path), vs raw pyzmq PUSH/PULL of the same
   number of 165,888-byte messages with the same 4 processes;
-* **write**: GB/s of events written collectively by 1..N ranks vs a sequential
-  raw write of the same bytes, without and with fsync;
+* **write**: GB/s of events written collectively by 1..N ranks vs the same ranks
+  writing the same bytes raw (each its contiguous share with ``pwrite``, into a new
+  file in the same folder, without fsync as HDF5's close);
 * **end to end**: a streamed scan, first sector sent -> file closed, vs the lower
   of two ceilings run with the same processes (4 senders, R ranks): the
   transport alone (ranks receive and assemble but do not count) and the
@@ -67,7 +71,7 @@ class Config:
 
     repeats: int = 3
     count_frames: int = 256
-    command_frames: int = 1024
+    command_frames: int = 8192
     stempy_frames: int = 8
     transport_frames: int = 1000
     write_events: int = 4_000_000
@@ -196,13 +200,35 @@ def _compile_seconds() -> dict:
     return {"uncached": runs[0], "cached": runs[1]}
 
 
+#: The read ceiling of the count command: the raw files read by numpy alone, on as many
+#: threads as the count uses, each reading its files in 8 MB chunks into one buffer it
+#: reuses (from the page cache, as the count reads them).
+_READ_FILES = """
+import os, sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+threads, files = int(sys.argv[1]), sys.argv[2:]
+def read(k):
+    buffer = memoryview(np.empty(8 << 20, np.uint8))
+    for name in files[k::threads]:
+        with open(name, "rb", buffering=0) as f:
+            while f.readinto(buffer) == len(buffer):
+                pass
+with ThreadPoolExecutor(threads) as pool:
+    list(pool.map(read, range(threads)))
+"""
+
+
 def bench_count_command(cfg: Config, folder: Path, log) -> dict:
     """``fourdstream count`` on raw files, process start to file closed, vs stempy's threaded
-    count of the same files and vs reading them with numpy alone (all in fresh processes).
+    count of the same files and vs reading them with numpy alone (all in fresh processes, on
+    the same cores); and 1 vs all threads, whole command and its counting step (the file's
+    ``timings``).
 
     Both counts calibrate their thresholds with the NCEM production settings and no dark
     (stempy 3.6's threshold calculation fails with a dark reference on these files)."""
     from .detector import ScanGeometry
+    from .io import open_counted
     from .simulate import Simulator, write_scan
 
     n = cfg.command_frames
@@ -213,8 +239,9 @@ def bench_count_command(cfg: Config, folder: Path, log) -> dict:
     cpus = len(os.sched_getaffinity(0))
     log(f"count command: {sim.n_frames:,} frames ({sum(f.stat().st_size for f in files) / 1e9:.2f} GB), "
         f"1 and {cpus} threads, stempy with {cpus} threads")
+    output = folder / "command.h5"
     ours = lambda t: [sys.executable, "-m", "fourdstream", "count", str(raw), "-o",
-                      str(folder / "command.h5"), "--overwrite", "--threads", str(t)]
+                      str(output), "--overwrite", "--threads", str(t)]
     stempy_count = [sys.executable, "-c",
               "import glob, os, sys, numpy as np, stempy.io, stempy.image; "
               "os.path.exists(sys.argv[3]) and os.remove(sys.argv[3]); "
@@ -227,29 +254,36 @@ def bench_count_command(cfg: Config, folder: Path, log) -> dict:
               "stempy.io.save_electron_counts(sys.argv[3], a)",
               str(raw), "", str(folder / "stempy.h5"), str(cpus),
               str(sim.geometry.width), str(sim.geometry.height)]
-    read = [sys.executable, "-c", "import sys, numpy as np; [np.fromfile(f, np.uint8) for f in sys.argv[1:]]",
-            *map(str, files)]
+    read = [sys.executable, "-c", _READ_FILES, str(cpus), *map(str, files)]
+    counting_step = {}
 
-    def wall(cmd):
+    def wall(cmd, threads=None):
         def run_once():
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}): {proc.stderr[-1500:]}")
+            if threads is not None:
+                timings = open_counted(output).metadata["fourdstream"]["timings"]
+                counting_step.setdefault(threads, []).append(timings["count"])
         return run_once
 
     repeats = min(cfg.repeats, 3)
     out = {"frames": sim.n_frames, "cpus": cpus,
            "read_seconds": _stats(_timed(wall(read), repeats)),
-           "ours_1_thread_seconds": _stats(_timed(wall(ours(1)), repeats)),
-           "ours_seconds": _stats(_timed(wall(ours(cpus)), repeats))}
+           "ours_1_thread_seconds": _stats(_timed(wall(ours(1), 1), repeats)),
+           "ours_seconds": _stats(_timed(wall(ours(cpus), cpus), repeats))}
+    out["counting_step_1_thread_seconds"] = _stats(counting_step[1][1:])    # after the warm-up
+    out["counting_step_seconds"] = _stats(counting_step[cpus][1:])
     if importlib.util.find_spec("stempy") is not None:
-        out["stempy_seconds"] = _stats(_timed(wall(stempy_count), repeats))
+        out["stempy_seconds"] = _stats(_timed(wall(stempy_count), 1))   # 20 s a run at 8,192 frames
         out["speedup_vs_stempy"] = out["stempy_seconds"]["median"] / out["ours_seconds"]["median"]
     else:
         out["stempy_seconds"] = None
     out["ratio_to_read"] = out["read_seconds"]["median"] / out["ours_seconds"]["median"]
     out["threads_speedup"] = out["ours_1_thread_seconds"]["median"] / out["ours_seconds"]["median"]
-    for path in (folder / "command.h5", folder / "stempy.h5"):
+    out["counting_step_threads_speedup"] = (out["counting_step_1_thread_seconds"]["median"]
+                                            / out["counting_step_seconds"]["median"])
+    for path in (output, folder / "stempy.h5"):
         path.unlink(missing_ok=True)
     return out
 
@@ -586,18 +620,22 @@ def table(record: dict) -> str:
                 f"stempy {med(c['stempy_fps']):,.0f} frames/s", f"{c['speedup_vs_stempy']:.0f}x")
         row("kernel compilation", f"{c['compile_seconds']['uncached']:.2f} s once, "
             f"{c['compile_seconds']['cached']:.2f} s from the cache", "", "")
+        if c.get("cupy_fps"):
+            row("counting, cupy (GPU)", f"{med(c['cupy_fps']):,.0f} frames/s", "", "")
     if "count_command" in st:
         k = st["count_command"]
         row(f"fourdstream count, {k['frames']:,} frames, {k['cpus']} threads",
-            f"{med(k['ours_seconds']):.2f} s", f"numpy read of the files {med(k['read_seconds']):.2f} s",
+            f"{med(k['ours_seconds']):.2f} s", f"numpy read of the files, {k['cpus']} threads "
+            f"{med(k['read_seconds']):.2f} s",
             bounded(k['ratio_to_read']))
         if k.get("stempy_seconds"):
             row("  vs stempy's threaded count", f"{med(k['ours_seconds']):.2f} s",
                 f"stempy {med(k['stempy_seconds']):.2f} s", f"{k['speedup_vs_stempy']:.1f}x")
         row("  1 vs all threads", f"{med(k['ours_1_thread_seconds']):.2f} s vs "
             f"{med(k['ours_seconds']):.2f} s", "", f"{k['threads_speedup']:.2f}x")
-        if c.get("cupy_fps"):
-            row("counting, cupy (GPU)", f"{med(c['cupy_fps']):,.0f} frames/s", "", "")
+        if "counting_step_seconds" in k:
+            row("  1 vs all threads, its counting step", f"{med(k['counting_step_1_thread_seconds']):.2f} s vs "
+                f"{med(k['counting_step_seconds']):.2f} s", "", f"{k['counting_step_threads_speedup']:.2f}x")
     if "transport" in st:
         t = st["transport"]
         row("transport 4 senders -> rank", f"{med(t['fourdstream_fps']):,.0f} frames/s "
