@@ -35,9 +35,13 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
         assert {"plain", "dark", "dark+gain"} <= set(figures) and _is_stats(figures["memory_pass_fps"])
     assert c["compile_seconds"]["uncached"] > 0 and c["compile_seconds"]["cached"] > 0
     k = st["count_command"]
-    for key in ("ours_seconds", "ours_1_thread_seconds", "read_seconds", "stempy_seconds"):
+    for key in ("ours_seconds", "ours_1_thread_seconds", "read_seconds", "stempy_seconds",
+                "counting_step_seconds", "counting_step_1_thread_seconds"):
         assert _is_stats(k[key]), key
     assert k["frames"] == 64 and k["speedup_vs_stempy"] > 0 and k["threads_speedup"] > 0
+    # The counting step is part of the command, which its file's timings come from.
+    assert 0 < k["counting_step_seconds"]["max"] < k["ours_seconds"]["min"]
+    assert k["counting_step_threads_speedup"] > 0
     t = st["transport"]
     for key in ("raw_pyzmq_fps", "raw_pyzmq_gbps", "fourdstream_fps", "fourdstream_gbps", "curve_fps",
                 "curve_gbps"):
