@@ -21,7 +21,8 @@ import time
 
 import numpy as np
 
-from .detector import COMPLETE_MASK, FRAME_SHAPE, N_SECTORS, ScanGeometry, sector_slice
+from .compiled import add_pattern
+from .detector import COMPLETE_MASK, FRAME_PIXELS, FRAME_SHAPE, N_SECTORS, ScanGeometry, sector_slice
 from .live import LiveImages
 from .sparse import CountedFrames
 
@@ -112,6 +113,7 @@ class ScanShare:
         self.ready: list[tuple] = []          # (slot, frame number, position, mask)
         self.emitted: dict[int, int] = {}     # frame number -> sector mask of emitted frames
         self.counted: list[CountedFrames] = []
+        self.pattern = np.zeros(FRAME_PIXELS, np.int64)   # summed pattern of ``counted``
         self.in_flight = 0                    # batches handed to the counting thread
         self.announced: dict[str, int] = {}   # sender -> messages it says it sent here
         self.n_received = 0                   # sector messages of this scan received here
@@ -236,6 +238,13 @@ class ScanShare:
         self.ledger.lost = max(sum(self.announced.values()) - self.n_received, 0)
 
     # -- counting ----------------------------------------------------------------
+    def add_counted(self, counted: CountedFrames) -> None:
+        """A batch back from a counting thread (the receiving thread calls this): kept, and
+        added to the scan's summed pattern, so that none of that is left for the end."""
+        self.counted.append(counted)
+        add_pattern(counted.events, self.pattern)
+        self.counted_at = time.time()
+
     def take_ready(self, n: int):
         """Up to ``n`` ready frames: (frames copy, frame numbers, positions, masks, slots)."""
         batch, self.ready = self.ready[:n], self.ready[n:]

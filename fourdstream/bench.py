@@ -23,9 +23,12 @@ Stages and their ceilings (each measured in the same run, right next to the stag
 * **scaling**: end to end and counting alone with 1, 2, 4 ranks, and the rank
   concurrency: the fraction of the scan's duration during which every rank
   had frames in flight (from the ranks' per-0.1-s activity);
-* **scale** (only when asked for, minutes): one production-size scan (512x512
-  + flyback, 262,656 frames, 174 GB over loopback) into 4 ranks: time,
-  frames/s, peak memory per rank, frames missing.
+* **scale** (only when asked for, about 10 minutes here): one production-size
+  scan (512x512 + flyback, 262,656 frames, 174 GB over loopback) into 1, 2 and
+  4 ranks: time, frames/s, peak memory per rank, frames missing, and the
+  turnaround step by step (last frame sent and received -> file closed); then
+  into 4 ranks with the senders paced at 80% of the rate the ranks sustained,
+  as a detector whose job keeps up: the turnaround from its last frame.
 
 Every figure is repeated after a warm-up and reported as min/median/max. The
 record (machine, versions, parameters, figures, sizing for the 4D Camera line
@@ -74,13 +77,13 @@ class Config:
     command_frames: int = 8192
     stempy_frames: int = 8
     transport_frames: int = 1000
-    write_events: int = 4_000_000
+    write_events: int = 16_000_000
     write_ranks: tuple = (1, 2, 4)
     stream_scan: str = "96x96"
     stream_ranks: int = 2
     scaling_ranks: tuple = (1, 2, 4)
     scale_scan: str = "512x512"
-    scale_ranks: int = 4
+    scale_ranks: tuple = (1, 2, 4)
     cores_per_node: int = 128
     network_gbit_per_node: float = NETWORK_GBIT_PER_NODE
 
@@ -434,8 +437,10 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
     return out
 
 
-def _stream_once(scan: str, ranks: int, mode: str, folder: Path, timeout: float = 300) -> dict:
-    """One streamed scan, 4 senders starting together; the receiver's summary."""
+def _stream_once(scan: str, ranks: int, mode: str, folder: Path, timeout: float = 300,
+                 rate: float = 0.0) -> dict:
+    """One streamed scan, 4 senders starting together (at ``rate`` frames/s, 0: as fast as
+    they go); the receiver's summary."""
     from .demo import SENDER_START_SECONDS
     from .launch import mpi_environment, mpiexec_command
     from .transport import read_endpoints
@@ -451,7 +456,8 @@ def _stream_once(scan: str, ranks: int, mode: str, folder: Path, timeout: float 
         start_at = time.time() + SENDER_START_SECONDS
         senders = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--module", str(m),
                                      "--simulate", scan, "--pool-frames", "256", "--start-at",
-                                     str(start_at), "--endpoints-file", str(endpoints)],
+                                     str(start_at), "--endpoints-file", str(endpoints),
+                                     "--rate", str(rate)],
                                     stdout=subprocess.DEVNULL) for m in range(4)]
         for p in senders:
             p.wait(timeout=timeout)
@@ -466,17 +472,35 @@ def _stream_once(scan: str, ranks: int, mode: str, folder: Path, timeout: float 
 
 
 def bench_scale(cfg: Config, folder: Path, log) -> dict:
-    """A production-size scan streamed into ``cfg.scale_ranks`` ranks, once."""
-    log(f"scale: {cfg.scale_scan} (+ flyback) into {cfg.scale_ranks} ranks (minutes)")
+    """A production-size scan streamed into each of ``cfg.scale_ranks`` rank counts, once
+    each with the senders as fast as they go (the rate the ranks sustain, their memory and
+    the turnaround, which then includes the senders' queues draining); then, with the most
+    ranks, once more with the senders paced at :data:`PACED` of that rate, as a detector
+    whose job keeps up with it: the turnaround from the detector's last frame."""
+    runs = {}
+    for ranks in cfg.scale_ranks:
+        log(f"scale: {cfg.scale_scan} (+ flyback) into {ranks} rank(s) (minutes)")
+        runs[str(ranks)] = _scale_run(cfg.scale_scan, ranks, folder / f"scale_{ranks}")
+    ranks = max(cfg.scale_ranks)
+    rate = PACED * runs[str(ranks)]["fps"]
+    log(f"scale: {cfg.scale_scan} into {ranks} rank(s), senders paced at {rate:,.0f} frames/s")
+    paced = _scale_run(cfg.scale_scan, ranks, folder / "scale_paced", rate=rate)
+    return {"scan": cfg.scale_scan, "ranks": runs, "paced": dict(paced, ranks=ranks, rate=rate)}
+
+
+#: The paced run of the scale stage sends at this fraction of the rate the ranks sustained.
+PACED = 0.8
+
+
+def _scale_run(scan: str, ranks: int, folder: Path, rate: float = 0.0) -> dict:
     t0 = time.perf_counter()
-    s = _stream_once(cfg.scale_scan, cfg.scale_ranks, "full", folder / "scale", timeout=3600)
+    s = _stream_once(scan, ranks, "full", folder, timeout=3600, rate=rate)
     wall = time.perf_counter() - t0
-    for leftover in (folder / "scale").glob("*.h5"):
+    for leftover in folder.glob("*.h5"):
         leftover.unlink()
-    return {"scan": cfg.scale_scan, "ranks": cfg.scale_ranks, "frames": s["frames"],
-            "expected": s["expected"], "missing": s["missing"], "incomplete": s["incomplete"],
-            "seconds": s["seconds"], "wall_seconds": wall, "fps": s["frames"] / s["seconds"],
-            "gbps": s["frames"] * 2 * FRAME_PIXELS / s["seconds"] / 1e9,
+    return {"frames": s["frames"], "expected": s["expected"], "missing": s["missing"],
+            "incomplete": s["incomplete"], "seconds": s["seconds"], "wall_seconds": wall,
+            "fps": s["frames"] / s["seconds"], "gbps": s["frames"] * 2 * FRAME_PIXELS / s["seconds"] / 1e9,
             "latency": s["latency"], "latency_received": s["latency_received"],
             "turnaround": s["steps"], "rank_concurrency": s["rank_concurrency"],
             "peak_rss_mb": s["peak_rss_mb"], "memory_bound_mb": s["memory_bound_mb"]}
@@ -673,12 +697,17 @@ def table(record: dict) -> str:
                 ", ".join(f"{k} {v:.2f}" for k, v in steps.items() if v >= 0.005), "")
     if "scale" in st:
         c = st["scale"]
-        row(f"scale: {c['scan']} into {c['ranks']} ranks", f"{c['fps']:,.0f} frames/s "
-            f"({c['gbps']:.2f} GB/s), {c['seconds']:.0f} s, {c['missing']:,} missing, "
-            f"{c['incomplete']:,} incomplete", f"peak {max(c['peak_rss_mb']):.0f} MB/rank "
-            f"(bound {c['memory_bound_mb']:.0f})", f"busy {c['rank_concurrency']:.0%}")
-        row("  last frame received -> file closed", f"{c['latency_received']:.2f} s",
-            ", ".join(f"{k} {v:.2f}" for k, v in c["turnaround"].items() if v >= 0.005), "")
+        runs = [(f"{r} rank(s)", run) for r, run in c["ranks"].items()]
+        runs.append((f"{c['paced']['ranks']} rank(s), senders paced at {c['paced']['rate']:,.0f} frames/s",
+                     c["paced"]))
+        for label, run in runs:
+            row(f"scale: {c['scan']} into {label}", f"{run['fps']:,.0f} frames/s "
+                f"({run['gbps']:.2f} GB/s), {run['seconds']:.0f} s, {run['missing']:,} missing, "
+                f"{run['incomplete']:,} incomplete", f"peak {max(run['peak_rss_mb']):.0f} MB/rank "
+                f"(bound {run['memory_bound_mb']:.0f})", f"busy {run['rank_concurrency']:.0%}")
+            row("  last frame sent / received -> file closed",
+                f"{run['latency']:.2f} s / {run['latency_received']:.2f} s",
+                ", ".join(f"{k} {v:.2f}" for k, v in run["turnaround"].items() if v >= 0.005), "")
     widths = [max(len(r[i]) for r in rows + [("stage", "rate (median)", "ceiling (median)", "ratio")])
               for i in range(4)]
     lines = [f"{'stage':<{widths[0]}}  {'rate (median)':<{widths[1]}}  {'ceiling (median)':<{widths[2]}}  ratio"]

@@ -942,8 +942,9 @@ def plan(config_file, bench_file):
               help="PNG of the scaling and per-stage rates (default: next to --json).")
 @click.option("--stages", default="counting,count_command,transport,write,end_to_end,scaling",
               show_default=True,
-              help="Comma-separated stages to run; add 'scale' for the production-size run "
-                   "(512x512 into 4 ranks, minutes).")
+              help="Comma-separated stages to run; add 'scale' for the production-size runs "
+                   "(512x512 into 1, 2 and 4 ranks, and 4 ranks paced: about 10 minutes on "
+                   "2 cores).")
 @click.option("--repeats", type=int, default=None, help="Repeats per figure (after one warm-up).")
 @click.option("--cores-per-node", type=int, default=128, show_default=True,
               help="For the sizing: cores per node (128 on a Perlmutter CPU node).")

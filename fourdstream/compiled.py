@@ -158,6 +158,14 @@ def _position_sums(events, offsets, slot, cx, cy, radii2, sums, masks, mask_in):
                 sums[4, p] += 1
 
 
+@numba.njit(nogil=True, cache=True)
+def add_pattern(events, pattern):
+    """``pattern[e] += 1`` for every event pixel ``e`` (uint32 ``events`` into the flat
+    (331776,) int64 ``pattern``), in place: a counted batch added to a scan's summed pattern."""
+    for e in events:
+        pattern[e] += 1
+
+
 def position_sums(events, offsets, slot, n_slots: int, centre, radii, mask) -> tuple:
     """Per-slot event sums in one pass over the events (see :mod:`fourdstream.images`).
 
@@ -182,6 +190,7 @@ def warm_up() -> None:
     gather_runs(np.zeros(1, np.uint32), np.zeros(1, np.int64), np.ones(1, np.int64))
     position_sums(np.zeros(1, np.uint32), np.array([0, 1]), np.zeros(1, np.int64), 1, (0, 0),
                   (0, 1, 1, 2), np.ones(1, np.uint8))
+    add_pattern(np.zeros(1, np.uint32), np.zeros(FRAME_PIXELS, np.int64))
 
 
 @numba.njit(nogil=True, cache=True)

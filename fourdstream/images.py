@@ -96,16 +96,18 @@ def slab_images(counted, lo: int, hi: int, detectors: Detectors) -> dict:
     return from_sums(sums, masks, seen, detectors)
 
 
-def scan_images(counted, geometry, bounds, comm, detectors: Detectors | None = None):
+def scan_images(counted, geometry, bounds, comm, detectors: Detectors | None = None,
+                pattern: np.ndarray | None = None):
     """Every rank's slab images joined on rank 0 (collective over ``comm``).
 
     ``counted``: this rank's frames, all of positions ``bounds[rank] .. bounds[rank+1]-1``
-    (the writer's slabs). Returns ``(images, pattern, detectors)`` on rank 0 (images
+    (the writer's slabs); ``pattern``: the summed pattern of the frames this rank counted,
+    if kept (else summed from ``counted``: the sum over ranks is the same). Returns ``(images, pattern, detectors)`` on rank 0 (images
     shaped (height, width), pattern (576, 576)), ``(None, None, detectors)`` elsewhere.
     """
     from mpi4py import MPI
 
-    pattern = pattern_of(counted)
+    pattern = pattern_of(counted) if pattern is None else np.array(pattern, np.int64)
     comm.Allreduce(MPI.IN_PLACE, pattern, op=MPI.SUM)
     detectors = detectors or Detectors.find(pattern)
     lo, hi = int(bounds[comm.rank]), int(bounds[comm.rank + 1])

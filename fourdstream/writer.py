@@ -110,7 +110,7 @@ def _comm_or_self(comm):
 
 
 def _on_root(comm, fn):
-    return on_root(comm, fn, WriteError)
+    return on_root(comm, fn, WriteError, patient=True)
 
 
 def _agree(comm, fn):
@@ -192,7 +192,7 @@ def _slab(counted: CountedFrames, geometry: ScanGeometry, fpp: int, comm) -> _Sl
 def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
                        electron_counting: dict, provenance: dict, comm=None,
                        overwrite: bool = False, timeline: Timeline | None = None,
-                       detectors=None) -> WriteReport:
+                       detectors=None, pattern=None) -> WriteReport:
     """Write one scan's counted frames, collectively over ``comm`` (see module docstring).
 
     Parameters
@@ -209,6 +209,8 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
         ``rename``
     detectors : virtual detectors of the scan's images (:class:`fourdstream.images.Detectors`;
         default: found from the summed pattern)
+    pattern : the summed pattern (331776,) int64 of ``counted`` if the caller has kept it as
+        it counted (the receiver does), else summed here
     """
     timeline = timeline or Timeline(time.time())
     t0 = time.perf_counter()
@@ -219,7 +221,7 @@ def write_counted_scan(path, counted: CountedFrames, geometry: ScanGeometry, *,
     t_moved = time.perf_counter()
     timeline.mark("redistribute")
     images = scan_images(counted, geometry, slab_bounds(geometry.n_positions, comm.size), comm,
-                         detectors)
+                         detectors, pattern)
     timeline.mark("images")
     per_position = np.bincount(counted.position - slab_bounds(geometry.n_positions, comm.size)[comm.rank]) \
         if len(counted) else np.zeros(0, np.int64)

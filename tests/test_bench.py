@@ -11,7 +11,7 @@ from fourdstream.cli import main
 
 TINY = bench.Config(repeats=1, count_frames=24, command_frames=64, stempy_frames=2, transport_frames=60,
                     write_events=50_000, write_ranks=(1, 2), stream_scan="6x6",
-                    stream_ranks=2, scaling_ranks=(1, 2), scale_scan="8x8", scale_ranks=2)
+                    stream_ranks=2, scaling_ranks=(1, 2), scale_scan="8x8", scale_ranks=(1, 2))
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +101,23 @@ def test_a_ratio_above_its_ceiling_is_reported_as_a_wrong_ceiling(record, ratio,
     assert ("CEILING WRONG" in line) == flagged, line
 
 
-def test_scale_stage_reports_a_whole_scan(tmp_path):
+def test_scale_stage_reports_whole_scans_and_their_turnaround(tmp_path):
     out = bench.bench_scale(TINY, tmp_path, log=lambda m: None)
-    assert out["frames"] == out["expected"] == 72 and out["missing"] == 0 and out["incomplete"] == 0
-    assert len(out["peak_rss_mb"]) == 2 and max(out["peak_rss_mb"]) <= out["memory_bound_mb"]
-    assert out["fps"] > 0 and 0 <= out["rank_concurrency"] <= 1
-    assert "scale: 8x8 into 2 ranks" in bench.table({"stages": {"scale": out}, "machine": {
-        "hostname": "h", "cpu_count": 2, "cpu": "c"}, "parameters": {"repeats": 1}})
+    assert set(out["ranks"]) == {"1", "2"} and out["paced"]["ranks"] == 2
+    for ranks, run in list(out["ranks"].items()) + [("2", out["paced"])]:
+        assert run["frames"] == run["expected"] == 72 and run["missing"] == 0 and run["incomplete"] == 0
+        assert len(run["peak_rss_mb"]) == int(ranks) and max(run["peak_rss_mb"]) <= run["memory_bound_mb"]
+        assert run["fps"] > 0 and 0 <= run["rank_concurrency"] <= 1
+        # The steps tile the time from the last frame received to the file closed.
+        assert sum(run["turnaround"].values()) == pytest.approx(run["latency_received"], rel=0.1, abs=0.02)
+        assert run["latency"] >= run["latency_received"] - 0.01
+    # The paced senders sent at the rate asked for (72 frames cannot take less time than that).
+    assert out["paced"]["rate"] == pytest.approx(bench.PACED * out["ranks"]["2"]["fps"])
+    assert out["paced"]["seconds"] >= 71 / out["paced"]["rate"]
+    text = bench.table({"stages": {"scale": out}, "machine": {"hostname": "h", "cpu_count": 2, "cpu": "c"},
+                        "parameters": {"repeats": 1}})
+    assert "scale: 8x8 into 1 rank(s)" in text and "scale: 8x8 into 2 rank(s), senders paced" in text
+    assert "last frame sent / received -> file closed" in text
 
 
 def test_table_plot_and_compare(record, tmp_path):

@@ -277,7 +277,8 @@ def test_stempy_view_written_from_pointers_equals_the_object_array_way(tmp_path,
         assert np.array_equal(new_view[k], frames.frame(i)), i
 
 
-@pytest.mark.parametrize("step", ["_write_collective", "_write_vlen", "_write_attrs"])
+@pytest.mark.parametrize("step", ["redistribute", "scan_images", "_create_file", "_write_collective",
+                                  "_write_vlen", "_write_attrs"])
 def test_a_failure_in_any_step_leaves_no_file_under_the_final_name(tmp_path, monkeypatch, step):
     from mpi4py import MPI
 

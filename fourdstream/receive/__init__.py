@@ -251,8 +251,7 @@ class Receiver:
             share.in_flight -= 1
             if isinstance(result, BaseException):
                 raise result
-            share.counted.append(result)
-            share.counted_at = time.time()
+            share.add_counted(result)
 
     def _guarded(self, body) -> None:
         """Run a thread's body; a failure there aborts the job (the other ranks would

@@ -138,7 +138,8 @@ class ScanWriter:
                                         electron_counting=calibration.as_dict(),
                                         provenance=provenance, comm=comm,
                                         overwrite=self.options.overwrite, timeline=timeline,
-                                        detectors=self.template.options.detectors)
+                                        detectors=self.template.options.detectors,
+                                        pattern=share.pattern)
         except WriteError as exc:
             return self._failed(share.scan, str(exc))
         closed = time.time()
