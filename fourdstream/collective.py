@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-#: Seconds between the checks of a rank waiting patiently (see :func:`on_root`).
+#: Seconds between the checks of a rank waiting patiently (see :func:`wait_for_all`).
 PATIENT_POLL = 0.001
 
 
@@ -34,12 +34,21 @@ def agree(comm, fn, error=CollectiveError):
     return result
 
 
+def wait_for_all(comm) -> None:
+    """Return once every rank of ``comm`` has called this, sleeping between checks (every
+    millisecond). MPI's own waits spin: where ranks outnumber cores, a rank spinning in a
+    collective call takes the core that the rank it waits for needs."""
+    if comm.size > 1:
+        arrived = comm.Ibarrier()
+        while not arrived.Test():
+            time.sleep(PATIENT_POLL)
+
+
 def on_root(comm, fn, error=CollectiveError, *, patient: bool = False):
     """Run ``fn`` on rank 0; return its result on every rank, or raise its error on every rank.
 
-    ``patient``: the other ranks sleep while rank 0 works (checking every millisecond)
-    instead of waiting in MPI, which spins: where ranks outnumber cores, spinning ranks
-    take the cores rank 0 needs for a long step of its own.
+    ``patient``: the other ranks sleep while rank 0 works (:func:`wait_for_all`), for a
+    long step of rank 0's own.
     """
     result = message = None
     if comm.rank == 0:
@@ -47,10 +56,8 @@ def on_root(comm, fn, error=CollectiveError, *, patient: bool = False):
             result = fn()
         except Exception as exc:
             message = str(exc) if isinstance(exc, CollectiveError) else f"{type(exc).__name__}: {exc}"
-    if patient and comm.size > 1:
-        arrived = comm.Ibarrier()
-        while not arrived.Test():
-            time.sleep(PATIENT_POLL)
+    if patient:
+        wait_for_all(comm)
     result, message = comm.bcast((result, message), root=0)
     if message:
         raise error(message)

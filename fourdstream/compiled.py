@@ -27,7 +27,6 @@ import numpy as np
 from numba.cpython.unsafe.numbers import trailing_zeros   # LLVM's cttz
 
 from .counting import ElectronCounter
-
 from .detector import FRAME_COLS, FRAME_PIXELS, FRAME_ROWS, FRAME_SHAPE
 
 BLOCK = 64
@@ -71,10 +70,11 @@ def _count(frames, floor, block_floor, block, offset, dark, gain_inv, scales, bg
 
     ``floor``: the per-pixel candidate floor (331776,) uint16; ``block_floor``: its
     minimum over each block of ``BLOCK`` pixels; ``block``: ``BLOCK`` again, passed
-    as a runtime value so that the block test is compiled as a vector loop; ``offset``: ``floor(bg) + 1``; ``scales``: row-dark factors
-    (n, 576, 2) or None. Returns the number of events; when it exceeds
-    ``len(out)`` the events past the end were not stored (call again with a larger
-    ``out``).
+    as a runtime value so that the block test is compiled as a vector loop;
+    ``offset``: ``floor(bg) + 1``; ``dark``, ``gain_inv``: float32 (331776,) or None;
+    ``scales``: row-dark factors (n, 576, 2) or None. Returns the number of events;
+    when it exceeds ``len(out)`` the events past the end were not stored (call again
+    with a larger ``out``).
 
     Past the block test, the block's candidates (raw >= floor) become the bits of
     one 64-bit word (a vector compare), visited lowest first; each one's value is
@@ -182,11 +182,9 @@ def position_sums(events, offsets, slot, n_slots: int, centre, radii, mask) -> t
 
 
 def warm_up() -> None:
-    """Compile the kernels now, or load them from the disk cache (about 0.3 s, 1-2 s the first
-    time after an install), so that no scan pays it: the receiver calls this at start."""
-    from .counting import Thresholds
-
-    CompiledCounter(Thresholds(1.0, 2.0)).count(np.zeros((1,) + FRAME_SHAPE, np.uint16))
+    """Compile the helper kernels (the writer's event gather, the images' sums, the scan's
+    pattern) now, or load them from the disk cache, so that no scan pays it: the receiver
+    calls this at start (the counting kernel: :meth:`~fourdstream.pipeline.ScanCounting.warm_up`)."""
     gather_runs(np.zeros(1, np.uint32), np.zeros(1, np.int64), np.ones(1, np.int64))
     position_sums(np.zeros(1, np.uint32), np.array([0, 1]), np.zeros(1, np.int64), 1, (0, 0),
                   (0, 1, 1, 2), np.ones(1, np.uint8))

@@ -67,8 +67,7 @@ def count_raw_scan(scan: RawScan, counting: ScanCounting, *, chunk: int = DEFAUL
         counting.calibrate({int(fn): (weight_of[int(fn)], frame)
                             for fn, frame in zip(batch.frame_number, batch.frames)})
     t2 = time.perf_counter()
-    # The kernel is loaded from numba's cache (or compiled) here, not inside the first batch.
-    counting.count(np.empty((0,) + FRAME_SHAPE, PIXEL_DTYPE), [], [], [])
+    counting.warm_up()            # its own step, not inside the first batch
     t3 = time.perf_counter()
     parts, in_flight = [], collections.deque()
 

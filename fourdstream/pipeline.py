@@ -18,7 +18,7 @@ from . import __version__, backend
 from .calibrate import (DEFAULT_BACKGROUND_SIGMA, DEFAULT_SAMPLE_FRAMES, DEFAULT_SAMPLES,
                         DEFAULT_XRAY_SIGMA, Calibration, calibrate, plan_samples)
 from .counting import ElectronCounter, Thresholds
-from .detector import COMPLETE_MASK
+from .detector import COMPLETE_MASK, FRAME_SHAPE
 from .references import load_reference
 from .sparse import CountedFrames
 
@@ -139,6 +139,12 @@ class ScanCounting:
     def _make_counter(self, thresholds=None) -> ElectronCounter:
         return self.counter_class(thresholds, self.dark, self.gain, row_dark=self.options.row_dark,
                                   xp=self.xp)
+
+    def warm_up(self) -> None:
+        """Load the kernel for this set-up (its references' kinds) from numba's cache, or
+        compile it, now: counts a blank frame with stand-in thresholds, so that no batch of
+        a scan pays it (the compiled kernel is compiled once per kind of set-up)."""
+        self._make_counter(Thresholds(1.0, 2.0)).count(self.xp.zeros((1,) + FRAME_SHAPE, np.uint16))
 
     def plan_samples(self, frame_numbers, masks):
         """Sample plan ``(frame_numbers, weights)`` from the scan's frame table."""

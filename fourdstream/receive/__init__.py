@@ -158,7 +158,9 @@ class Receiver:
             log=log if options.progress else None, live=self.live, detectors=counting.detectors)
         self.counting = CountingThreads(options.threads)
         self._session: Ledger | None = None
-        compiled.warm_up()   # the counting kernel and the writer's event gather, before any scan
+        # Before any scan: the counting kernel for these references, the writer's helpers.
+        self.template.warm_up()
+        compiled.warm_up()
 
     @property
     def session(self) -> Ledger:

@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from ..calibrate import CalibrationError
+from ..collective import wait_for_all
 from ..detector import COMPLETE_MASK, ScanGeometry
 from ..images import Detectors
 
@@ -86,6 +87,7 @@ class Coordinator:
         """One exchange and the decisions it allows."""
         with self.lock:
             mine = self._status()
+        wait_for_all(self.comm)     # asleep, not spinning, until the slowest rank's tick
         everyone = self.comm.allgather(mine)
         if any(st["stop"] for st in everyone):
             self.stopped.set()
