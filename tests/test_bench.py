@@ -111,13 +111,14 @@ def test_scale_stage_reports_whole_scans_and_their_turnaround(tmp_path):
         # The steps tile the time from the last frame received to the file closed.
         assert sum(run["turnaround"].values()) == pytest.approx(run["latency_received"], rel=0.1, abs=0.02)
         assert run["latency"] >= run["latency_received"] - 0.01
+        assert run["file_bytes"] > 72 * 8 and run["raw_file_write_seconds"] > 0
     # The paced senders sent at the rate asked for (72 frames cannot take less time than that).
     assert out["paced"]["rate"] == pytest.approx(bench.PACED * out["ranks"]["2"]["fps"])
     assert out["paced"]["seconds"] >= 71 / out["paced"]["rate"]
     text = bench.table({"stages": {"scale": out}, "machine": {"hostname": "h", "cpu_count": 2, "cpu": "c"},
                         "parameters": {"repeats": 1}})
     assert "scale: 8x8 into 1 rank(s)" in text and "scale: 8x8 into 2 rank(s), senders paced" in text
-    assert "last frame sent / received -> file closed" in text
+    assert "last frame sent / received -> file closed" in text and "written raw, right after" in text
 
 
 def test_table_plot_and_compare(record, tmp_path):
