@@ -293,3 +293,15 @@ def test_a_failure_in_any_step_leaves_no_file_under_the_final_name(tmp_path, mon
         writer.write_counted_scan(tmp_path / "scan.h5", expected_frames(), GEOMETRY,
                                   electron_counting={}, provenance={}, comm=MPI.COMM_SELF)
     assert list(tmp_path.iterdir()) == []     # neither the file nor its temporary
+
+
+def test_ranks_sleep_while_rank_0_finishes_the_file_alone():
+    """While rank 0 writes the stempy view, the other ranks wait in on_root(patient=True):
+    asleep, where MPI's own wait spins (a second of CPU per second) and, with more ranks
+    than cores, takes the core rank 0 needs."""
+    patient = run_mpi(3, "mpi_patient.py", "patient")
+    assert all(r["result"] == "done" and r["wall"] >= 0.95 for r in patient)
+    assert all(r["cpu"] < 0.3 for r in patient[1:]), patient
+    spinning = run_mpi(3, "mpi_patient.py", "mpi")
+    assert all(r["result"] == "done" for r in spinning)
+    assert sum(r["cpu"] for r in spinning[1:]) > 0.5, spinning   # what the patient wait saves
