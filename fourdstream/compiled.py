@@ -8,11 +8,12 @@ clamping, the strict 8-neighbour maximum, borders, plateaus, row-dark.
 
 One pass over each frame in blocks of 64 pixels: a block whose raw values are
 all below the candidate floor (the least raw value that can pass ``v > bg``)
-is skipped after one vectorised comparison. In the few blocks with a
-candidate, the candidates become the bits of one 64-bit word (a vector
-compare against the per-pixel floor), and each set bit's value is compared
-with the largest of its 8 neighbours' values, without branches: on these
-sparse frames a mispredicted branch costs more than the arithmetic. Without a
+is skipped after one 64-lane vector compare (an LLVM intrinsic: numba's own
+loop over 64 elements compiles to eight narrow steps). In the few blocks with a
+candidate, the candidates become the bits of one 64-bit word (a second compare,
+against the per-pixel floor), and each set bit's value is compared with the
+largest of its 8 neighbours' values, without branches: on these sparse frames a
+mispredicted branch costs more than the arithmetic. Without a
 gain or row-dark the values are integers read through the floor
 (``raw - floor + floor(bg) + 1``), so no dark table is read.
 It releases the GIL (``nogil``), so threads count batches in parallel, and it
@@ -24,7 +25,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
 from numba.cpython.unsafe.numbers import trailing_zeros   # LLVM's cttz
+from numba.extending import intrinsic
 
 from .counting import ElectronCounter
 from .detector import FRAME_COLS, FRAME_PIXELS, FRAME_ROWS, FRAME_SHAPE
@@ -32,6 +36,50 @@ from .detector import FRAME_COLS, FRAME_PIXELS, FRAME_ROWS, FRAME_SHAPE
 BLOCK = 64
 #: Events per frame the output buffer holds at first (it grows when a batch needs more).
 _EVENTS_PER_FRAME = 2048
+
+
+def _is_pixels(t) -> bool:
+    return isinstance(t, types.Array) and t.dtype == types.uint16 and t.ndim == 1 and t.layout == "C"
+
+
+def _block(context, builder, array_type, array, start):
+    """The 64 uint16 at ``array[start:]`` as one LLVM vector."""
+    data = context.make_array(array_type)(context, builder, array).data
+    vector = ir.VectorType(ir.IntType(16), BLOCK)
+    return builder.load(builder.bitcast(builder.gep(data, [start]), vector.as_pointer()), align=2)
+
+
+@intrinsic
+def _at_least(typingctx, pixels, start, floor):
+    """uint64 whose bit k says ``pixels[start + k] >= floor[start + k]``, k < 64: one vector
+    compare (both C-contiguous uint16 1-D arrays; the caller keeps ``start + 64`` in range)."""
+    if not (_is_pixels(pixels) and _is_pixels(floor) and isinstance(start, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ge = builder.icmp_unsigned(">=", _block(context, builder, signature.args[0], args[0], args[1]),
+                                   _block(context, builder, signature.args[2], args[2], args[1]))
+        return builder.bitcast(ge, ir.IntType(BLOCK))
+    return types.uint64(pixels, start, floor), codegen
+
+
+@intrinsic
+def _any_at_least(typingctx, pixels, start, value):
+    """Nonzero if any of ``pixels[start:start + 64]`` is >= ``value`` (uint16): one vector
+    compare against the value broadcast, with no reduction (LLVM compiles a loop over 64
+    elements into 8 narrow steps: its vector body is longer than the loop)."""
+    if not (_is_pixels(pixels) and isinstance(start, types.Integer) and value == types.uint16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        vector = ir.VectorType(ir.IntType(16), BLOCK)
+        one = builder.insert_element(ir.Constant(vector, None), args[2], ir.Constant(ir.IntType(32), 0))
+        broadcast = builder.shuffle_vector(one, ir.Constant(vector, None),
+                                           ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), [0] * BLOCK))
+        ge = builder.icmp_unsigned(">=", _block(context, builder, signature.args[0], args[0], args[1]),
+                                   broadcast)
+        return builder.bitcast(ge, ir.IntType(BLOCK))
+    return types.uint64(pixels, start, value), codegen
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -65,61 +113,66 @@ def _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr):
 
 
 @numba.njit(nogil=True, cache=True)
-def _count(frames, floor, block_floor, block, offset, dark, gain_inv, scales, bg, xr, out, offsets):
+def _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr, out, total):
+    """The events among one block's candidates (bit k of ``found``: pixel ``start + k``),
+    stored at ``out[total:]``; returns the new total. Each candidate's value is compared
+    with the largest of its in-frame 8 neighbours' values, with no branch on the values
+    (on sparse frames a mispredicted branch costs more than the arithmetic). A function
+    of its own, called once per block with a candidate, so that the loop over the blocks
+    stays small."""
+    while found:
+        j = start + trailing_zeros(found)
+        found &= found - np.uint64(1)
+        t = _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr)
+        row = j // FRAME_COLS
+        col = j - row * FRAME_COLS
+        top_neighbour = 0.0
+        if 0 < row < FRAME_ROWS - 1 and 0 < col < FRAME_COLS - 1:
+            for d in (-FRAME_COLS - 1, -FRAME_COLS, -FRAME_COLS + 1, -1, 1,
+                      FRAME_COLS - 1, FRAME_COLS, FRAME_COLS + 1):
+                top_neighbour = max(top_neighbour, _value(raw, j + d, floor, offset, dark,
+                                                          gain_inv, scale, bg, xr))
+        else:                 # a border pixel: neighbours outside the frame count as 0
+            for rr in range(max(row - 1, 0), min(row + 2, FRAME_ROWS)):
+                for cc in range(max(col - 1, 0), min(col + 2, FRAME_COLS)):
+                    if rr != row or cc != col:
+                        top_neighbour = max(top_neighbour, _value(
+                            raw, rr * FRAME_COLS + cc, floor, offset, dark, gain_inv, scale, bg, xr))
+        if top_neighbour < t:
+            if total < out.shape[0]:
+                out[total] = j
+            total += 1
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
+def _count(frames, floor, block_floor, offset, dark, gain_inv, scales, bg, xr, out, offsets):
     """Events of ``frames`` (n, 331776) uint16 into ``out``; ``offsets`` (n + 1,) filled.
 
     ``floor``: the per-pixel candidate floor (331776,) uint16; ``block_floor``: its
-    minimum over each block of ``BLOCK`` pixels; ``block``: ``BLOCK`` again, passed
-    as a runtime value so that the block test is compiled as a vector loop;
-    ``offset``: ``floor(bg) + 1``; ``dark``, ``gain_inv``: float32 (331776,) or None;
-    ``scales``: row-dark factors (n, 576, 2) or None. Returns the number of events;
+    minimum over each block of ``BLOCK`` pixels; ``offset``: ``floor(bg) + 1``;
+    ``dark``, ``gain_inv``: float32 (331776,) or None; ``scales``: row-dark factors
+    (n, 576, 2) or None. Returns the number of events;
     when it exceeds ``len(out)`` the events past the end were not stored (call again
     with a larger ``out``).
 
-    Past the block test, the block's candidates (raw >= floor) become the bits of
-    one 64-bit word (a vector compare), visited lowest first; each one's value is
-    compared with the largest of its 8 neighbours' values, without branches.
+    A block is skipped after one vector compare against its floor; in the others the
+    candidates (raw >= floor) become the bits of one 64-bit word (a second compare),
+    which :func:`_block_events` visits.
     """
     n = frames.shape[0]
-    blocks = frames.reshape(n, FRAME_PIXELS // BLOCK, BLOCK)
-    floors = floor.reshape(FRAME_PIXELS // BLOCK, BLOCK)
     total = 0
     for i in range(n):
         offsets[i] = total
         raw = frames[i]
         scale = None if scales is None else scales[i]
         for b in range(FRAME_PIXELS // BLOCK):
-            top = np.uint16(0)        # skip the block unless a pixel reaches the floor
-            for k in range(block):
-                top = max(top, blocks[i, b, k])
-            if top < block_floor[b]:
+            start = b * BLOCK
+            if not _any_at_least(raw, start, block_floor[b]):   # no pixel reaches the floor
                 continue
-            found = np.uint64(0)      # bit k: pixel k of the block reaches its floor
-            for k in range(BLOCK):
-                found |= np.uint64(blocks[i, b, k] >= floors[b, k]) << np.uint64(k)
-            while found:
-                j = b * BLOCK + trailing_zeros(found)
-                found &= found - np.uint64(1)
-                t = _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr)
-                row = j // FRAME_COLS
-                col = j - row * FRAME_COLS
-                top_neighbour = 0.0
-                if 0 < row < FRAME_ROWS - 1 and 0 < col < FRAME_COLS - 1:
-                    for d in (-FRAME_COLS - 1, -FRAME_COLS, -FRAME_COLS + 1, -1, 1,
-                              FRAME_COLS - 1, FRAME_COLS, FRAME_COLS + 1):
-                        top_neighbour = max(top_neighbour, _value(raw, j + d, floor, offset, dark,
-                                                                  gain_inv, scale, bg, xr))
-                else:                 # a border pixel: neighbours outside the frame count as 0
-                    for rr in range(max(row - 1, 0), min(row + 2, FRAME_ROWS)):
-                        for cc in range(max(col - 1, 0), min(col + 2, FRAME_COLS)):
-                            if rr != row or cc != col:
-                                top_neighbour = max(top_neighbour, _value(
-                                    raw, rr * FRAME_COLS + cc, floor, offset, dark, gain_inv,
-                                    scale, bg, xr))
-                if top_neighbour < t:
-                    if total < out.shape[0]:
-                        out[total] = j
-                    total += 1
+            found = _at_least(raw, start, floor)   # bit k: pixel k reaches its own floor
+            total = _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr,
+                                  out, total)
     offsets[n] = total
     return total
 
@@ -240,7 +293,7 @@ class CompiledCounter(ElectronCounter):
         offsets = np.zeros(n + 1, np.int64)
         out = np.empty(max(n, 1) * _EVENTS_PER_FRAME, np.uint32)
         while True:
-            total = _count(flat, self._pixel_floor, self._block_floor, BLOCK, self._offset,
+            total = _count(flat, self._pixel_floor, self._block_floor, self._offset,
                            self._dark_f, self._gain, scales, float(self.thresholds.background),
                            float(self.thresholds.xray), out, offsets)
             if total <= len(out):
