@@ -228,3 +228,31 @@ def test_compiled_kernel_equals_the_array_module_kernel_and_stempy(dose, dark, g
         for i in (0, 7):
             assert np.array_equal(per_frame[i], stempy_events(
                 frames[i], background_threshold=21.7, xray_threshold=640.3, **kw)), i
+
+
+def test_block_compares_equal_numpy():
+    """The kernel's two 64-lane compares (LLVM intrinsics) against numpy, bit for bit,
+    unsigned to the top of the range."""
+    import numba
+
+    from fourdstream.compiled import _any_at_least, _at_least
+
+    @numba.njit
+    def masks(pixels, floor, values):
+        out = np.empty((len(pixels) // 64, 2), np.uint64)
+        for b in range(len(pixels) // 64):
+            out[b, 0] = _at_least(pixels, b * 64, floor)
+            out[b, 1] = _any_at_least(pixels, b * 64, values[b])
+        return out
+
+    rng = np.random.default_rng(3)
+    pixels = rng.choice(np.array([0, 1, 27, 28, 29, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF], np.uint16), 64 * 200)
+    floor = rng.choice(np.array([0, 28, 0x8000, 0xFFFF], np.uint16), len(pixels))
+    values = rng.choice(np.array([0, 28, 0x8000, 0xFFFF], np.uint16), 200)
+    got = masks(pixels, floor, values)
+    weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
+    at_least = ((pixels >= floor).reshape(200, 64) * weights).sum(axis=1, dtype=np.uint64)
+    above = (pixels.reshape(200, 64) >= values[:, None])
+    assert np.array_equal(got[:, 0], at_least)
+    assert np.array_equal(got[:, 1] != 0, above.any(axis=1))
+    assert np.array_equal(got[:, 1], (above * weights).sum(axis=1, dtype=np.uint64))
