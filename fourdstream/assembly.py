@@ -113,7 +113,9 @@ class ScanShare:
         self.ready: list[tuple] = []          # (slot, frame number, position, mask)
         self.emitted: dict[int, int] = {}     # frame number -> sector mask of emitted frames
         self.counted: list[CountedFrames] = []
-        self.pattern = np.zeros(FRAME_PIXELS, np.int64)   # summed pattern of ``counted``
+        # Summed pattern of ``counted``: the live sums' own when there are live sums (their
+        # counting thread adds each batch before handing it back), else added here.
+        self.pattern = self.live.pattern if self.live else np.zeros(FRAME_PIXELS, np.int64)
         self.in_flight = 0                    # batches handed to the counting thread
         self.announced: dict[str, int] = {}   # sender -> messages it says it sent here
         self.n_received = 0                   # sector messages of this scan received here
@@ -240,9 +242,10 @@ class ScanShare:
     # -- counting ----------------------------------------------------------------
     def add_counted(self, counted: CountedFrames) -> None:
         """A batch back from a counting thread (the receiving thread calls this): kept, and
-        added to the scan's summed pattern, so that none of that is left for the end."""
+        in the scan's summed pattern, so that none of that is left for the end."""
         self.counted.append(counted)
-        add_pattern(counted.events, self.pattern)
+        if self.live is None:
+            add_pattern(counted.events, self.pattern)
         self.counted_at = time.time()
 
     def take_ready(self, n: int):

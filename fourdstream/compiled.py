@@ -229,9 +229,15 @@ def position_sums(events, offsets, slot, n_slots: int, centre, radii, mask) -> t
     """
     sums = np.zeros((5, n_slots), np.int64)
     masks = np.full(n_slots, 0xFF, np.uint8)
+    add_position_sums(sums, masks, events, offsets, slot, centre, radii, mask)
+    return sums, masks
+
+
+def add_position_sums(sums, masks, events, offsets, slot, centre, radii, mask) -> None:
+    """:func:`position_sums` of one more batch added into ``sums`` and ANDed into ``masks``,
+    in place (no arrays of the scan's size made per batch)."""
     _position_sums(events, offsets.astype(np.int64), slot.astype(np.int64), int(centre[0]),
                    int(centre[1]), np.asarray(radii, np.int64) ** 2, sums, masks, mask)
-    return sums, masks
 
 
 def warm_up() -> None:

@@ -39,21 +39,19 @@ class LiveImages:
         self._lock = threading.Lock()
 
     def add(self, counted) -> None:
-        """Add one counted batch (:class:`~fourdstream.sparse.CountedFrames`)."""
-        from .compiled import position_sums
+        """Add one counted batch (:class:`~fourdstream.sparse.CountedFrames`): compiled passes
+        over its events into the scan's arrays, in place."""
+        from .compiled import add_pattern, add_position_sums
 
         if not len(counted):
             return
         d = self.detectors
         radii, centre = (d.radii, (d.centre_x, d.centre_y)) if d else ((0, 0, 0, 0), (0, 0))
-        sums, masks = position_sums(counted.events, counted.offsets, counted.position,
-                                    self.n_positions, centre, radii, counted.mask)
-        pattern = np.bincount(counted.events, minlength=FRAME_PIXELS)
         with self._lock:
-            self.sums += sums
-            self.masks &= masks
+            add_position_sums(self.sums, self.masks, counted.events, counted.offsets,
+                              counted.position, centre, radii, counted.mask)
+            add_pattern(counted.events, self.pattern)
             self.seen[counted.position] = True
-            self.pattern += pattern
             self.frames += len(counted)
 
     def snapshot(self) -> np.ndarray:

@@ -13,6 +13,7 @@ import pytest
 
 from fourdstream import images
 from fourdstream.detector import FRAME_PIXELS
+from fourdstream.io import open_counted
 from fourdstream.live import LiveImages, unpack
 from fourdstream.liveserver import parse_address
 from fourdstream.sparse import CountedFrames
@@ -163,6 +164,9 @@ def test_the_live_stream_and_watch_end_with_the_files_exact_images(stream_sessio
     with h5py.File(summaries[0]["path"]) as f:
         stored, _ = images.read(f)
     assert f"BF {int(stored['bf'].sum()):,}, ADF {int(stored['adf'].sum()):,} events" in last
+    # With live sums, the pattern kept while counting is theirs: still the file's events' pattern.
+    events = open_counted(summaries[0]["path"]).events
+    assert np.array_equal(stored["pattern"].ravel(), np.bincount(events, minlength=FRAME_PIXELS))
     assert png.stat().st_size > 10_000
 
 

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 
+import h5py
 import numpy as np
 import pytest
 
+from fourdstream import images
 from fourdstream.calibrate import calibrate, plan_samples
 from fourdstream.counting import ElectronCounter, Thresholds
-from fourdstream.detector import ScanGeometry, parse_scan_size, sector_slice
+from fourdstream.detector import FRAME_PIXELS, ScanGeometry, parse_scan_size, sector_slice
 from fourdstream.io import open_counted
 from fourdstream.simulate import Simulator
 from fourdstream.transport import free_port_block
@@ -83,6 +85,10 @@ def test_two_scans_equal_offline_counting_including_thresholds(stream_session, r
         assert ec["x_ray_threshold"] == cal.x_ray_threshold
         assert np.array_equal(scan.events, events) and np.array_equal(scan.offsets, offsets)
         assert scan.loss_summary()["complete"] == 104
+        # The summed pattern each rank kept while counting is the pattern of the file's events.
+        with h5py.File(summary["path"]) as f:
+            stored, _ = images.read(f)
+        assert np.array_equal(stored["pattern"].ravel(), np.bincount(events, minlength=FRAME_PIXELS))
         meta = scan.metadata["fourdstream"]
         assert meta["ranks"] == ranks and meta["frames_missing"] == 0 and meta["closed_by"] == "end"
         # Where the time went from the last frame received to the file closed, step by step.
