@@ -516,11 +516,22 @@ def _raw_file_write(path: Path, nbytes: int) -> float:
     machine in the state the scan left it (a virtual machine may hand out page-cache pages
     slowly after a while without using them)."""
     data = np.ones(nbytes, np.uint8)
+    _reserved_file(path, nbytes)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        t0 = time.perf_counter()
+        os.pwrite(fd, data, 0)
+        return time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def _reserved_file(path, nbytes: int) -> None:
+    """A new file of ``nbytes`` with its blocks reserved (``posix_fallocate``), as the writer
+    reserves its file's before writing: the ceilings write into the same kind of file."""
+    Path(path).unlink(missing_ok=True)
     with open(path, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, nbytes)
-        t0 = time.perf_counter()
-        f.write(data.data)
-        return time.perf_counter() - t0
 
 
 def _run_mpi(n: int, worker: str, *args) -> dict:
@@ -907,9 +918,7 @@ def _write_raw(path: str, nbytes: int, comm) -> float:
     share = np.array_split(np.arange(nbytes // 4, dtype=np.int64), comm.size)[comm.rank]
     data = np.random.default_rng(comm.rank).integers(0, FRAME_PIXELS, len(share)).astype(np.uint32)
     if comm.rank == 0:
-        Path(path).unlink(missing_ok=True)
-        with open(path, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, nbytes)
+        _reserved_file(path, nbytes)
     comm.Barrier()
     t0 = time.perf_counter()
     fd = os.open(path, os.O_WRONLY)

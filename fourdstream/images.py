@@ -69,7 +69,11 @@ class Detectors:
 
 def pattern_of(counted) -> np.ndarray:
     """Summed diffraction pattern of ``counted``'s events, (576*576,) int64."""
-    return np.bincount(counted.events, minlength=FRAME_PIXELS).astype(np.int64)
+    from .compiled import add_pattern
+
+    pattern = np.zeros(FRAME_PIXELS, np.int64)
+    add_pattern(counted.events, pattern)
+    return pattern
 
 
 def from_sums(sums: np.ndarray, masks: np.ndarray, seen: np.ndarray, detectors: Detectors) -> dict:

@@ -83,3 +83,19 @@ def test_mpi_ranks_splitting_the_samples_agree_bit_for_bit():
         for r in ranks:
             for key in ("bg", "xr", "mean", "variance", "bins", "frames"):
                 assert r[key] == reference[key], (n, r["rank"], key)
+
+
+def test_calibration_does_not_import_scipy():
+    """The fit is written in numpy: calibrating costs no scipy import (0.3 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from fourdstream.calibrate import calibrate; "
+            "rng = np.random.default_rng(1); "
+            "s = [(k, 60, rng.normal(12, 3, (64, 64)) + (rng.random((64, 64)) < 0.01) * 150) "
+            "for k in range(20)]; "
+            "c = calibrate(s, number_of_samples=1200, seed=1); "
+            "print(round(c.background_threshold), 'scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    bg, imported = out.stdout.split()
+    assert imported == "False" and 20 < int(bg) < 30

@@ -144,3 +144,20 @@ def test_a_process_no_launcher_started_uses_shared_memory_mpi_unless_told():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["ob1", "1"]
+
+
+def test_batch_size_defaults_are_the_ones_help_states(small_scan):
+    """`--batch-size` unset: count reads and counts 8 frames at a time, the receiver 32."""
+    from fourdstream.offline import READ_BATCH, count_raw_scan
+    from fourdstream.pipeline import CountingOptions, ScanCounting
+    from fourdstream.rawfile import RawScan
+    from fourdstream.receive import RECEIVE_BATCH
+
+    folder, _, _ = small_scan
+    scan = RawScan([folder])
+    batches = []
+    count_raw_scan(scan, ScanCounting(CountingOptions(background_threshold=28, xray_threshold=700)),
+                   progress=batches.append)
+    assert READ_BATCH == 8 and batches == [8] * (len(scan) // 8) + [len(scan) % 8]
+    text = " ".join(invoke("receive", "--help").output.split())
+    assert RECEIVE_BATCH == 32 and "Default: 32 when receiving, 8 when counting files" in text
