@@ -9,13 +9,16 @@ clamping, the strict 8-neighbour maximum, borders, plateaus, row-dark.
 One pass over each frame in blocks of 64 pixels: a block whose raw values are
 all below the candidate floor (the least raw value that can pass ``v > bg``)
 is skipped after one 64-lane vector compare (an LLVM intrinsic: numba's own
-loop over 64 elements compiles to eight narrow steps). In the few blocks with a
-candidate, the candidates become the bits of one 64-bit word (a second compare,
-against the per-pixel floor), and each set bit's value is compared with the
-largest of its 8 neighbours' values, without branches: on these sparse frames a
-mispredicted branch costs more than the arithmetic. Without a
-gain or row-dark the values are integers read through the floor
-(``raw - floor + floor(bg) + 1``), so no dark table is read.
+loop over 64 elements compiles to eight narrow steps). Without a gain or
+row-dark the values are integers read through the floor
+(``raw - floor + floor(bg) + 1``), so no dark table is read, and each block
+that is not skipped is compared whole: its 64 pixels' values against their 8
+neighbours' in vector operations (:func:`_integer_maxima`). Otherwise (and in
+the frame's first and last rows) the block's candidates become the bits of one
+64-bit word (a second compare, against the per-pixel floor), and each set bit's
+value is compared with the largest of its 8 neighbours' values, without
+branches: on these sparse frames a mispredicted branch costs more than the
+arithmetic.
 It releases the GIL (``nogil``), so threads count batches in parallel, and it
 is compiled once and cached on disk next to this module (``cache=True``; set
 ``NUMBA_CACHE_DIR`` where that folder is read-only).
@@ -49,6 +52,14 @@ def _block(context, builder, array_type, array, start):
     return builder.load(builder.bitcast(builder.gep(data, [start]), vector.as_pointer()), align=2)
 
 
+def _broadcast(builder, value):
+    """The uint16 ``value`` in all 64 lanes of a vector."""
+    vector = ir.VectorType(ir.IntType(16), BLOCK)
+    one = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vector, None),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), [0] * BLOCK))
+
+
 @intrinsic
 def _at_least(typingctx, pixels, start, floor):
     """uint64 whose bit k says ``pixels[start + k] >= floor[start + k]``, k < 64: one vector
@@ -72,14 +83,70 @@ def _any_at_least(typingctx, pixels, start, value):
         return None
 
     def codegen(context, builder, signature, args):
-        vector = ir.VectorType(ir.IntType(16), BLOCK)
-        one = builder.insert_element(ir.Constant(vector, None), args[2], ir.Constant(ir.IntType(32), 0))
-        broadcast = builder.shuffle_vector(one, ir.Constant(vector, None),
-                                           ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), [0] * BLOCK))
         ge = builder.icmp_unsigned(">=", _block(context, builder, signature.args[0], args[0], args[1]),
-                                   broadcast)
+                                   _broadcast(builder, args[2]))
         return builder.bitcast(ge, ir.IntType(BLOCK))
     return types.uint64(pixels, start, value), codegen
+
+
+@intrinsic
+def _integer_maxima(typingctx, pixels, start, floor, limit, first, last):
+    """uint64 whose bit k says pixel ``start + k`` (k < 64) is an event on the integer path:
+    its value beats the largest of its 8 neighbours' values, all 64 pixels at once.
+
+    A pixel's value ``raw - floor + offset`` passes where ``raw >= floor`` and
+    ``raw - floor < limit`` (``limit = ceil(xr) - offset``, uint16). Values are compared
+    as the ranks ``raw - floor + 1`` (0 where a pixel does not pass), which order them as
+    the values do when ``offset >= 1``. The neighbours' ranks are read by unaligned
+    loads one pixel and one row away, so the caller keeps ``start - 577`` and
+    ``start + 640`` inside the frame; ``first``/``last``: the block starts/ends a row
+    (its first/last pixel has no left/right neighbours).
+    """
+    if not (_is_pixels(pixels) and _is_pixels(floor) and isinstance(start, types.Integer)
+            and limit == types.uint16 and first == types.boolean and last == types.boolean):
+        return None
+
+    def codegen(context, builder, signature, args):
+        raw, begin, lowest, most, is_first, is_last = args
+        vector = ir.VectorType(ir.IntType(16), BLOCK)
+        zero, one, bound = ir.Constant(vector, None), ir.Constant(vector, [1] * BLOCK), _broadcast(builder, most)
+
+        def rank(shift):
+            at = builder.add(begin, ir.Constant(begin.type, shift))
+            x = _block(context, builder, signature.args[0], raw, at)
+            f = _block(context, builder, signature.args[2], lowest, at)
+            d = builder.sub(x, f)
+            passes = builder.and_(builder.icmp_unsigned(">=", x, f), builder.icmp_unsigned("<", d, bound))
+            return builder.select(passes, builder.add(d, one), zero)
+
+        def top(*ranks):
+            best = ranks[0]
+            for r in ranks[1:]:
+                best = builder.select(builder.icmp_unsigned(">", best, r), best, r)
+            return best
+
+        def without_lane(ranks, lane, edge):
+            keep = ir.Constant(ir.VectorType(ir.IntType(1), BLOCK), [k != lane for k in range(BLOCK)])
+            return builder.select(edge, builder.select(keep, ranks, zero), ranks)
+
+        w = FRAME_COLS
+        left = without_lane(top(rank(-w - 1), rank(-1), rank(w - 1)), 0, is_first)
+        right = without_lane(top(rank(-w + 1), rank(1), rank(w + 1)), BLOCK - 1, is_last)
+        wins = builder.icmp_unsigned(">", rank(0), top(rank(-w), rank(w), left, right))
+        return builder.bitcast(wins, ir.IntType(BLOCK))
+    return types.uint64(pixels, start, floor, limit, first, last), codegen
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _store_bits(wins, start, out, total):
+    """The pixels ``start + k`` of the set bits k of ``wins`` stored at ``out[total:]``,
+    ascending; returns the new total."""
+    while wins:
+        if total < out.shape[0]:
+            out[total] = start + trailing_zeros(wins)
+        total += 1
+        wins &= wins - np.uint64(1)
+    return total
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -146,19 +213,22 @@ def _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, x
 
 
 @numba.njit(nogil=True, cache=True)
-def _count(frames, floor, block_floor, offset, dark, gain_inv, scales, bg, xr, out, offsets):
+def _count(frames, floor, block_floor, offset, limit, dark, gain_inv, scales, bg, xr, out, offsets):
     """Events of ``frames`` (n, 331776) uint16 into ``out``; ``offsets`` (n + 1,) filled.
 
     ``floor``: the per-pixel candidate floor (331776,) uint16; ``block_floor``: its
     minimum over each block of ``BLOCK`` pixels; ``offset``: ``floor(bg) + 1``;
+    ``limit``: ``ceil(xr) - offset`` as uint16 (the integer path's);
     ``dark``, ``gain_inv``: float32 (331776,) or None; ``scales``: row-dark factors
     (n, 576, 2) or None. Returns the number of events;
     when it exceeds ``len(out)`` the events past the end were not stored (call again
     with a larger ``out``).
 
-    A block is skipped after one vector compare against its floor; in the others the
-    candidates (raw >= floor) become the bits of one 64-bit word (a second compare),
-    which :func:`_block_events` visits.
+    A block is skipped after one vector compare against its floor. On the integer path
+    (``dark is None``) the others are compared whole (:func:`_integer_maxima`), away
+    from the frame's first and last rows; elsewhere their candidates (raw >= floor)
+    become the bits of one 64-bit word (a second compare), which :func:`_block_events`
+    visits.
     """
     n = frames.shape[0]
     total = 0
@@ -170,6 +240,12 @@ def _count(frames, floor, block_floor, offset, dark, gain_inv, scales, bg, xr, o
             start = b * BLOCK
             if not _any_at_least(raw, start, block_floor[b]):   # no pixel reaches the floor
                 continue
+            if dark is None:   # the integer path: the block compared whole, away from top and bottom
+                if FRAME_COLS < start and start + BLOCK + FRAME_COLS < FRAME_PIXELS:
+                    col = start % FRAME_COLS
+                    total = _store_bits(_integer_maxima(raw, start, floor, limit, col == 0,
+                                                        col == FRAME_COLS - BLOCK), start, out, total)
+                    continue
             found = _at_least(raw, start, floor)   # bit k: pixel k reaches its own floor
             total = _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr,
                                   out, total)
@@ -275,11 +351,15 @@ class CompiledCounter(ElectronCounter):
         if thresholds is None:
             return
         floor = np.broadcast_to(self._floor, (FRAME_PIXELS,))
-        # The integer path reads values through the floor where the floor is exact:
-        # trunc(D) + floor(bg) + 1 not clipped to uint16. Else the float32 path.
+        # The integer path reads values through the floor where the floor is exact
+        # (trunc(D) + floor(bg) + 1 not clipped to uint16) and compares them as uint16
+        # ranks where those keep their order (:func:`_integer_maxima`): bg >= 0 and
+        # ceil(xr) - offset < 65536. Else the float32 path.
         self._offset = int(np.floor(thresholds.background)) + 1
-        exact = not self.has_gain and row_dark is None and bool(
-            (self._dark.min() + self._offset >= 0) & (self._dark.max() + self._offset <= 0xFFFF))
+        limit = np.ceil(thresholds.xray) - self._offset
+        exact = (not self.has_gain and row_dark is None and self._offset >= 1 and limit <= 0xFFFF
+                 and bool((self._dark.min() + self._offset >= 0) & (self._dark.max() + self._offset <= 0xFFFF)))
+        self._limit = np.uint16(max(limit, 0) if exact else 0)
         self._dark_f = None if exact else self._dark.astype(np.float32)
         self._gain = self._gain_inv if self.has_gain else None
         if row_dark is not None:     # every half-row has its own scale: every pixel is a candidate
@@ -299,7 +379,7 @@ class CompiledCounter(ElectronCounter):
         offsets = np.zeros(n + 1, np.int64)
         out = np.empty(max(n, 1) * _EVENTS_PER_FRAME, np.uint32)
         while True:
-            total = _count(flat, self._pixel_floor, self._block_floor, self._offset,
+            total = _count(flat, self._pixel_floor, self._block_floor, self._offset, self._limit,
                            self._dark_f, self._gain, scales, float(self.thresholds.background),
                            float(self.thresholds.xray), out, offsets)
             if total <= len(out):

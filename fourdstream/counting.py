@@ -186,8 +186,16 @@ def _candidate_floor(dark: np.ndarray, gain_inv: np.ndarray | None, bg: float) -
         # v = raw - trunc(D) > bg  <=>  raw >= trunc(D) + floor(bg) + 1
         floor = np.trunc(dark).astype(np.int64) + np.floor(bg) + 1
     else:
-        # raw > D + bg / g is necessary for v > bg; one ADU of slack covers rounding.
-        floor = np.floor(dark.astype(np.float64) + bg / gain_inv.astype(np.float64)) - 1
+        # v = (float32(raw) - D) * g in float32 never falls as raw rises (for 0 < g < inf),
+        # so the least raw value with v > bg is found by bisection, in the kernels' own
+        # float32 arithmetic: exact, no slack. Other gains take every raw value (floor 0).
+        dark, gain_inv = np.asarray(dark, np.float32), np.asarray(gain_inv, np.float32)
+        lo, hi = np.zeros(dark.shape, np.int64), np.full(dark.shape, 0xFFFF, np.int64)
+        while (lo < hi).any():
+            mid = (lo + hi) // 2
+            passes = ((mid.astype(np.float32) - dark) * gain_inv).astype(np.float64) > bg
+            lo, hi = np.where(passes, lo, mid + 1), np.where(passes, mid, hi)
+        floor = np.where(np.isfinite(gain_inv) & (gain_inv > 0), lo, 0)
     return np.clip(floor, 0, 0xFFFF).astype(np.uint16)
 
 

@@ -150,6 +150,40 @@ def test_dark_whose_floor_leaves_uint16_matches_dense_reference(Counter, dark_ra
         assert np.array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("bg,xr", [(1.0, 5.0), (-2.5, 4.0), (0.0, 70000.0)],
+                         ids=["ties", "negative-bg", "xray-past-uint16"])
+def test_ties_across_blocks_and_row_ends_match_dense_reference(Counter, bg, xr):
+    """Values of 0-6 make plateaus and ties everywhere: across the compiled kernel's
+    64-pixel blocks, at the rows' ends and in the frame's first and last rows. With
+    bg >= 0 and xr below 65536 + bg its blocks are compared whole (uint16 ranks); a
+    negative bg or an x-ray threshold past uint16 take its float path."""
+    rng = np.random.default_rng(11)
+    frames = rng.integers(0, 7, (3, 576, 576)).astype(np.uint16)
+    frames[:, ::50, ::70] = 0xFFFF
+    for ours, ref in zip(events_per_frame(Counter(Thresholds(bg, xr)), frames),
+                         dense_reference(frames, bg, xr)):
+        assert np.array_equal(ours, ref)
+
+
+def test_gain_candidate_floor_is_the_least_raw_value_that_passes():
+    """With a gain the candidate floor is exact: the least raw value whose float32 value
+    passes bg (65535 where none does), found against every raw value; 0 for a gain the
+    bisection cannot use (0, negative, inf, nan)."""
+    from fourdstream.counting import _candidate_floor
+
+    rng = np.random.default_rng(12)
+    dark = rng.uniform(-50, 3000, 64).astype(np.float32)
+    gain_inv = rng.uniform(0.01, 40, 64).astype(np.float32)
+    gain_inv[:5] = [0, -1, np.inf, np.nan, 1e-4]       # the last: no raw value passes
+    bg = 21.7                                            # not a float32
+    raw = np.arange(0x10000).astype(np.float32)
+    passes = ((raw[None, :] - dark[:, None]) * gain_inv[:, None]).astype(np.float64) > bg
+    least = np.where(passes.any(axis=1), passes.argmax(axis=1), 0xFFFF)
+    floor = _candidate_floor(dark, gain_inv, bg)
+    assert floor[:4].tolist() == [0, 0, 0, 0]
+    assert floor[4] == 0xFFFF and floor[4:].tolist() == least[4:].tolist()
+
+
 def test_row_dark_matches_its_definition(Counter):
     rng = np.random.default_rng(8)
     frames = rng.poisson(30, (2, 576, 576)).astype(np.uint16)
