@@ -93,6 +93,27 @@ def test_sizing_states_its_inputs_and_counts_the_network(record):
     assert "200 Gbit/s per node" in text and "128 cores" in text and "nodes needed" in text
 
 
+def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
+    """Noise only slows a run, so every ratio is best repeat over best repeat: the
+    highest rate, the shortest time."""
+    st = record["stages"]
+    for figures in st["counting"]["by_dose"].values():
+        for variant in ("plain", "dark", "dark+gain"):
+            assert figures[variant]["ratio_to_memory_pass"] == pytest.approx(
+                figures[variant]["compiled_fps"]["max"] / figures["memory_pass_fps"]["max"])
+    k = st["count_command"]
+    assert k["ratio_to_read"] == pytest.approx(k["read_seconds"]["min"] / k["ours_seconds"]["min"])
+    assert k["threads_speedup"] == pytest.approx(k["ours_1_thread_seconds"]["min"] / k["ours_seconds"]["min"])
+    t = st["transport"]
+    assert t["ratio"] == pytest.approx(t["fourdstream_fps"]["max"] / t["raw_pyzmq_fps"]["max"])
+    for r in st["write"]["ranks"].values():
+        assert r["ratio"] == pytest.approx(r["collective_gbps"]["max"] / r["raw_write_gbps"]["max"])
+    e = st["end_to_end"]
+    assert e["ratio"] == pytest.approx(e["full_fps"]["max"] / min(e["transport_fps"]["max"],
+                                                                  e["counting_alone_fps"]["max"]))
+    assert f"{t['fourdstream_fps']['max']:,.0f} frames/s" in bench.table(record)
+
+
 @pytest.mark.parametrize("ratio, flagged", [(1.56, True), (0.98, False)])
 def test_a_ratio_above_its_ceiling_is_reported_as_a_wrong_ceiling(record, ratio, flagged):
     changed = json.loads(json.dumps(record))

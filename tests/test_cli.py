@@ -130,20 +130,24 @@ def test_a_process_no_launcher_started_uses_shared_memory_mpi_unless_told():
     alone = {"PATH": "/bin"}
     singleton_defaults(alone)
     assert alone["OMPI_MCA_pml"] == "ob1" and alone["OMPI_MCA_btl"] == "self,vader"
+    assert alone["OMPI_MCA_ess_singleton_isolated"] == "1"
     chosen = {"OMPI_MCA_pml": "ucx"}
     singleton_defaults(chosen)
     assert chosen["OMPI_MCA_pml"] == "ucx"
     launched = {"OMPI_COMM_WORLD_SIZE": "2"}
     singleton_defaults(launched)
-    assert "OMPI_MCA_pml" not in launched
-    # The command line applies it before MPI starts: the singleton's MPI reports ob1.
-    code = ("import os; from fourdstream import cli; from click.testing import CliRunner; "
+    assert not any(k.startswith("OMPI_MCA") for k in launched)
+    # The command line applies it before MPI starts: the singleton's MPI reports ob1 and
+    # no orted daemon runs beside it.
+    code = ("import os, subprocess; from fourdstream import cli; from click.testing import CliRunner; "
             "CliRunner().invoke(cli.main, ['keys', '--help']); from mpi4py import MPI; "
-            "print(os.environ['OMPI_MCA_pml'], MPI.COMM_WORLD.size)")
+            "children = subprocess.run(['ps', '--ppid', str(os.getpid()), '-o', 'comm='], "
+            "capture_output=True, text=True).stdout.split(); "
+            "print(os.environ['OMPI_MCA_pml'], MPI.COMM_WORLD.size, 'orted' in children)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_", "SLURM_"))}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == ["ob1", "1"]
+    assert out == ["ob1", "1", "False"]
 
 
 def test_batch_size_defaults_are_the_ones_help_states(small_scan):
