@@ -35,7 +35,8 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
         assert {"plain", "dark", "dark+gain"} <= set(figures) and _is_stats(figures["memory_pass_fps"])
     assert c["compile_seconds"]["uncached"] > 0 and c["compile_seconds"]["cached"] > 0
     k = st["count_command"]
-    for key in ("ours_seconds", "ours_1_thread_seconds", "read_seconds", "stempy_seconds",
+    for key in ("ours_seconds", "ours_1_thread_seconds", "read_seconds", "read_1_thread_seconds",
+                "stempy_seconds",
                 "counting_step_seconds", "counting_step_1_thread_seconds"):
         assert _is_stats(k[key]), key
     assert k["frames"] == 64 and k["speedup_vs_stempy"] > 0 and k["threads_speedup"] > 0
@@ -104,6 +105,7 @@ def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
     k = st["count_command"]
     assert k["ratio_to_read"] == pytest.approx(k["read_seconds"]["min"] / k["ours_seconds"]["min"])
     assert k["threads_speedup"] == pytest.approx(k["ours_1_thread_seconds"]["min"] / k["ours_seconds"]["min"])
+    assert k["read_threads_speedup"] == pytest.approx(k["read_1_thread_seconds"]["min"] / k["read_seconds"]["min"])
     t = st["transport"]
     assert t["ratio"] == pytest.approx(t["fourdstream_fps"]["max"] / t["raw_pyzmq_fps"]["max"])
     for r in st["write"]["ranks"].values():
