@@ -96,28 +96,33 @@ def _integer_maxima(typingctx, pixels, start, floor, limit, first, last):
 
     A pixel's value ``raw - floor + offset`` passes where ``raw >= floor`` and
     ``raw - floor < limit`` (``limit = ceil(xr) - offset``, uint16). Values are compared
-    as the ranks ``raw - floor + 1`` (0 where a pixel does not pass), which order them as
-    the values do when ``offset >= 1``. The neighbours' ranks are read by unaligned
-    loads one pixel and one row away, so the caller keeps ``start - 577`` and
-    ``start + 640`` inside the frame; ``first``/``last``: the block starts/ends a row
-    (its first/last pixel has no left/right neighbours).
+    as the ranks ``r = raw - (floor - 1)`` saturated at 0, kept where ``r <= limit``
+    (else 0), which order them as the values do when ``offset >= 1`` and
+    ``floor >= 1``. ``floor``: the per-pixel floor (uint16 array) or, where it is the
+    same for every pixel, that value (uint16: no table read). The neighbours' ranks are
+    read by unaligned loads one pixel and one row away, so the caller keeps
+    ``start - 577`` and ``start + 640`` inside the frame; ``first``/``last``: the block
+    starts/ends a row (its first/last pixel has no left/right neighbours).
     """
-    if not (_is_pixels(pixels) and _is_pixels(floor) and isinstance(start, types.Integer)
-            and limit == types.uint16 and first == types.boolean and last == types.boolean):
+    if not (_is_pixels(pixels) and (_is_pixels(floor) or floor == types.uint16)
+            and isinstance(start, types.Integer) and limit == types.uint16
+            and first == types.boolean and last == types.boolean):
         return None
 
     def codegen(context, builder, signature, args):
         raw, begin, lowest, most, is_first, is_last = args
         vector = ir.VectorType(ir.IntType(16), BLOCK)
         zero, one, bound = ir.Constant(vector, None), ir.Constant(vector, [1] * BLOCK), _broadcast(builder, most)
+        per_pixel = _is_pixels(signature.args[2])
+        uniform = None if per_pixel else builder.sub(_broadcast(builder, lowest), one)
 
         def rank(shift):
             at = builder.add(begin, ir.Constant(begin.type, shift))
             x = _block(context, builder, signature.args[0], raw, at)
-            f = _block(context, builder, signature.args[2], lowest, at)
-            d = builder.sub(x, f)
-            passes = builder.and_(builder.icmp_unsigned(">=", x, f), builder.icmp_unsigned("<", d, bound))
-            return builder.select(passes, builder.add(d, one), zero)
+            below = (builder.sub(_block(context, builder, signature.args[2], lowest, at), one)
+                     if per_pixel else uniform)
+            r = builder.select(builder.icmp_unsigned(">", x, below), builder.sub(x, below), zero)
+            return builder.select(builder.icmp_unsigned("<=", r, bound), r, zero)
 
         def top(*ranks):
             best = ranks[0]
@@ -141,6 +146,10 @@ def _integer_maxima(typingctx, pixels, start, floor, limit, first, last):
 def _store_bits(wins, start, out, total):
     """The pixels ``start + k`` of the set bits k of ``wins`` stored at ``out[total:]``,
     ascending; returns the new total."""
+    if total < out.shape[0]:     # stored even when there is no event (then not counted):
+        out[total] = start + trailing_zeros(wins)   # most blocks hold 0 or 1, so no branch
+    total += wins != 0
+    wins &= wins - np.uint64(1)
     while wins:
         if total < out.shape[0]:
             out[total] = start + trailing_zeros(wins)
@@ -205,18 +214,19 @@ def _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, x
                     if rr != row or cc != col:
                         top_neighbour = max(top_neighbour, _value(
                             raw, rr * FRAME_COLS + cc, floor, offset, dark, gain_inv, scale, bg, xr))
-        if top_neighbour < t:
-            if total < out.shape[0]:
-                out[total] = j
-            total += 1
+        if total < out.shape[0]:    # stored, and counted only if it is an event: no branch
+            out[total] = j
+        total += top_neighbour < t
     return total
 
 
 @numba.njit(nogil=True, cache=True)
-def _count(frames, floor, block_floor, offset, limit, dark, gain_inv, scales, bg, xr, out, offsets):
+def _count(frames, floor, uniform, block_floor, offset, limit, dark, gain_inv, scales, bg, xr, out,
+           offsets):
     """Events of ``frames`` (n, 331776) uint16 into ``out``; ``offsets`` (n + 1,) filled.
 
-    ``floor``: the per-pixel candidate floor (331776,) uint16; ``block_floor``: its
+    ``floor``: the per-pixel candidate floor (331776,) uint16; ``uniform``: its value
+    where it is the same for every pixel (uint16), else None; ``block_floor``: its
     minimum over each block of ``BLOCK`` pixels; ``offset``: ``floor(bg) + 1``;
     ``limit``: ``ceil(xr) - offset`` as uint16 (the integer path's);
     ``dark``, ``gain_inv``: float32 (331776,) or None; ``scales``: row-dark factors
@@ -243,8 +253,12 @@ def _count(frames, floor, block_floor, offset, limit, dark, gain_inv, scales, bg
             if dark is None:   # the integer path: the block compared whole, away from top and bottom
                 if FRAME_COLS < start and start + BLOCK + FRAME_COLS < FRAME_PIXELS:
                     col = start % FRAME_COLS
-                    total = _store_bits(_integer_maxima(raw, start, floor, limit, col == 0,
-                                                        col == FRAME_COLS - BLOCK), start, out, total)
+                    first, last = col == 0, col == FRAME_COLS - BLOCK
+                    if uniform is None:
+                        wins = _integer_maxima(raw, start, floor, limit, first, last)
+                    else:
+                        wins = _integer_maxima(raw, start, uniform, limit, first, last)
+                    total = _store_bits(wins, start, out, total)
                     continue
             found = _at_least(raw, start, floor)   # bit k: pixel k reaches its own floor
             total = _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr,
@@ -353,12 +367,13 @@ class CompiledCounter(ElectronCounter):
         floor = np.broadcast_to(self._floor, (FRAME_PIXELS,))
         # The integer path reads values through the floor where the floor is exact
         # (trunc(D) + floor(bg) + 1 not clipped to uint16) and compares them as uint16
-        # ranks where those keep their order (:func:`_integer_maxima`): bg >= 0 and
-        # ceil(xr) - offset < 65536. Else the float32 path.
+        # ranks where those keep their order (:func:`_integer_maxima`): bg >= 0, a
+        # floor >= 1 and ceil(xr) - offset < 65536. Else the float32 path.
         self._offset = int(np.floor(thresholds.background)) + 1
         limit = np.ceil(thresholds.xray) - self._offset
+        lowest, highest = self._dark.min() + self._offset, self._dark.max() + self._offset
         exact = (not self.has_gain and row_dark is None and self._offset >= 1 and limit <= 0xFFFF
-                 and bool((self._dark.min() + self._offset >= 0) & (self._dark.max() + self._offset <= 0xFFFF)))
+                 and bool((lowest >= 1) & (highest <= 0xFFFF)))
         self._limit = np.uint16(max(limit, 0) if exact else 0)
         self._dark_f = None if exact else self._dark.astype(np.float32)
         self._gain = self._gain_inv if self.has_gain else None
@@ -366,6 +381,7 @@ class CompiledCounter(ElectronCounter):
             floor = np.zeros(FRAME_PIXELS, np.uint16)
         self._pixel_floor = np.ascontiguousarray(floor, np.uint16)
         self._block_floor = self._pixel_floor.reshape(-1, BLOCK).min(axis=1)
+        self._uniform = np.uint16(self._floor) if np.ndim(self._floor) == 0 else None
 
     def count(self, frames):
         """Count a batch ``(n, 576, 576)`` uint16; returns ``(events uint32, offsets int64)``."""
@@ -379,8 +395,8 @@ class CompiledCounter(ElectronCounter):
         offsets = np.zeros(n + 1, np.int64)
         out = np.empty(max(n, 1) * _EVENTS_PER_FRAME, np.uint32)
         while True:
-            total = _count(flat, self._pixel_floor, self._block_floor, self._offset, self._limit,
-                           self._dark_f, self._gain, scales, float(self.thresholds.background),
+            total = _count(flat, self._pixel_floor, self._uniform, self._block_floor, self._offset,
+                           self._limit, self._dark_f, self._gain, scales, float(self.thresholds.background),
                            float(self.thresholds.xray), out, offsets)
             if total <= len(out):
                 return out[:total].copy(), offsets

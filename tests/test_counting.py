@@ -137,10 +137,12 @@ def test_random_frames_match_dense_reference(Counter, use_gain):
         assert np.array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("dark_range", [(-60, -20), (65500, 65535)], ids=["negative", "near-full-scale"])
+@pytest.mark.parametrize("dark_range", [(-60, -20), (-8.5, -5.5), (65500, 65535)],
+                         ids=["negative", "floor-reaching-zero", "near-full-scale"])
 def test_dark_whose_floor_leaves_uint16_matches_dense_reference(Counter, dark_range):
-    """A dark far outside the raw range clips the candidate floor to 0 or 65535; the
-    compiled kernel then cannot read values through the floor and takes its float path."""
+    """A dark far outside the raw range clips the candidate floor to 0 or 65535, and a
+    dark of -8 puts it at 0 (bg 7.5): the compiled kernel then cannot read values
+    through the floor (its uint16 ranks need a floor >= 1) and takes its float path."""
     rng = np.random.default_rng(9)
     frames = rng.integers(0, 0xFFFF, (3, 576, 576), dtype=np.uint16, endpoint=True)
     frames[:, ::3] = rng.integers(0, 40, frames[:, ::3].shape)
