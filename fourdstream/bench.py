@@ -46,6 +46,7 @@ their own processes or an mpiexec job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -113,6 +114,20 @@ def _seconds(stats: dict) -> float:
     return stats["min"]
 
 
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Seconds of ``repeats`` calls of each of ``fns`` (name -> function), taken in turn
+    round by round after one warm-up round, so that drift on a shared machine hits each
+    alike: name -> list of seconds."""
+    out = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if round_:
+                out[name].append(time.perf_counter() - t0)
+    return out
+
+
 def _timed(fn, repeats: int) -> list[float]:
     """Seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
     fn()
@@ -157,16 +172,18 @@ def bench_counting(cfg: Config, log) -> dict:
                          "with_dark": [darkened.background, darkened.xray]}
     for dose, sim in sims.items():
         frames = sim.frames(0, n)[0]
-        memory = max(_stats(n / t for t in _timed(lambda: frames.max(axis=(1, 2)), cfg.repeats)),
-                     _stats(n / t for t in _timed(lambda: read_pass(frames), cfg.repeats)),
-                     key=_rate)
+        counters = {"plain": CompiledCounter(plain), "dark": CompiledCounter(darkened, sim.dark),
+                    "dark+gain": CompiledCounter(darkened, sim.dark, gain)}
+        runs = _interleaved({"numpy max": lambda: frames.max(axis=(1, 2)),
+                             "compiled max": lambda: read_pass(frames),
+                             **{v: functools.partial(c.count, frames) for v, c in counters.items()}},
+                            cfg.repeats)
+        fps = {name: _stats(n / t for t in seconds) for name, seconds in runs.items()}
+        memory = max(fps["numpy max"], fps["compiled max"], key=_rate)
         out["by_dose"][str(dose)] = figures = {"memory_pass_fps": memory}
-        for variant, dark, g in (("plain", None, None), ("dark", sim.dark, None),
-                                 ("dark+gain", sim.dark, gain)):
-            counter = CompiledCounter(plain if dark is None else darkened, dark, g)
-            fps = _stats(n / t for t in _timed(lambda: counter.count(frames), cfg.repeats))
-            figures[variant] = {"compiled_fps": fps,
-                                "ratio_to_memory_pass": _rate(fps) / _rate(memory)}
+        for variant in counters:
+            figures[variant] = {"compiled_fps": fps[variant],
+                                "ratio_to_memory_pass": _rate(fps[variant]) / _rate(memory)}
         if dose == 150:
             reference = ElectronCounter(darkened, sim.dark)
             figures["dark"]["numpy_fps"] = _stats(n / t for t in _timed(lambda: reference.count(frames),
@@ -284,12 +301,10 @@ def bench_count_command(cfg: Config, folder: Path, log) -> dict:
                 counting_step.setdefault(threads, []).append(timings["count"])
         return run_once
 
-    repeats = min(cfg.repeats, 3)
-    out = {"frames": sim.n_frames, "cpus": cpus,
-           "read_seconds": _stats(_timed(wall(read(cpus)), repeats)),
-           "read_1_thread_seconds": _stats(_timed(wall(read(1)), repeats)),
-           "ours_1_thread_seconds": _stats(_timed(wall(ours(1), 1), repeats)),
-           "ours_seconds": _stats(_timed(wall(ours(cpus), cpus), repeats))}
+    seconds = _interleaved({"read_seconds": wall(read(cpus)), "read_1_thread_seconds": wall(read(1)),
+                            "ours_1_thread_seconds": wall(ours(1), 1),
+                            "ours_seconds": wall(ours(cpus), cpus)}, min(cfg.repeats, 3))
+    out = {"frames": sim.n_frames, "cpus": cpus, **{k: _stats(v) for k, v in seconds.items()}}
     out["counting_step_1_thread_seconds"] = _stats(counting_step[1][1:])    # after the warm-up
     out["counting_step_seconds"] = _stats(counting_step[cpus][1:])
     if importlib.util.find_spec("stempy") is not None:

@@ -94,6 +94,15 @@ def test_sizing_states_its_inputs_and_counts_the_network(record):
     assert "200 Gbit/s per node" in text and "128 cores" in text and "nodes needed" in text
 
 
+def test_interleaved_runs_take_turns_after_one_warm_up_round():
+    """A stage and its ceiling are timed in turn, round by round, so drift hits both."""
+    calls = []
+    seconds = bench._interleaved({"stage": lambda: calls.append("stage"),
+                                  "ceiling": lambda: calls.append("ceiling")}, 2)
+    assert calls == ["stage", "ceiling"] * 3
+    assert {k: len(v) for k, v in seconds.items()} == {"stage": 2, "ceiling": 2}
+
+
 def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
     """Noise only slows a run, so every ratio is best repeat over best repeat: the
     highest rate, the shortest time."""
