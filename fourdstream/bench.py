@@ -114,13 +114,17 @@ def _seconds(stats: dict) -> float:
     return stats["min"]
 
 
-def _interleaved(fns: dict, repeats: int) -> dict:
+def _interleaved(fns: dict, repeats: int, *, warm: bool = False) -> dict:
     """Seconds of ``repeats`` calls of each of ``fns`` (name -> function), taken in turn
     round by round after one warm-up round, so that drift on a shared machine hits each
-    alike: name -> list of seconds."""
+    alike: name -> list of seconds. ``warm``: call each once more, untimed, right before
+    each timed call (a kernel then finds its tables in the CPU cache, as it does all
+    through a scan, not where the one before left it)."""
     out = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
+            if warm:
+                fn()
             t0 = time.perf_counter()
             fn()
             if round_:
@@ -177,7 +181,7 @@ def bench_counting(cfg: Config, log) -> dict:
         runs = _interleaved({"numpy max": lambda: frames.max(axis=(1, 2)),
                              "compiled max": lambda: read_pass(frames),
                              **{v: functools.partial(c.count, frames) for v, c in counters.items()}},
-                            cfg.repeats)
+                            cfg.repeats, warm=True)
         fps = {name: _stats(n / t for t in seconds) for name, seconds in runs.items()}
         memory = max(fps["numpy max"], fps["compiled max"], key=_rate)
         out["by_dose"][str(dose)] = figures = {"memory_pass_fps": memory}

@@ -101,6 +101,10 @@ def test_interleaved_runs_take_turns_after_one_warm_up_round():
                                   "ceiling": lambda: calls.append("ceiling")}, 2)
     assert calls == ["stage", "ceiling"] * 3
     assert {k: len(v) for k, v in seconds.items()} == {"stage": 2, "ceiling": 2}
+    calls.clear()
+    bench._interleaved({"stage": lambda: calls.append("stage"),
+                        "ceiling": lambda: calls.append("ceiling")}, 1, warm=True)
+    assert calls == ["stage", "stage", "ceiling", "ceiling"] * 2
 
 
 def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
