@@ -1,5 +1,5 @@
 """``python -m fourdstream``: the command line (what mpiexec/srun start on every rank)."""
 
-from .cli import main
+from .cli import run
 
-main()
+run()

@@ -8,6 +8,7 @@ traceback); 2 for a usage error.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import sys
@@ -70,6 +71,18 @@ def main():
     for its options, units and defaults.
     """
     launch.singleton_defaults()
+
+
+def run() -> None:
+    """The ``fourdstream`` program (and ``python -m fourdstream``): :func:`main`, then every
+    object frozen out of the garbage collector, so that the interpreter's final collection
+    does not walk them: the process is ending, and once numba has loaded a kernel that
+    walk through its compiler's objects is a sizeable part of a short command's time.
+    Files and sockets are closed by the commands themselves."""
+    try:
+        main()
+    finally:
+        gc.freeze()
 
 
 #: ``--config FILE`` (a deployment's TOML file; see :mod:`fourdstream.config`).

@@ -150,6 +150,22 @@ def test_a_process_no_launcher_started_uses_shared_memory_mpi_unless_told():
     assert out == ["ob1", "1", "False"]
 
 
+def test_the_program_freezes_its_objects_out_of_the_final_collection():
+    """`fourdstream` and `python -m fourdstream` run cli.run: main, then gc.freeze, even
+    when the command exits or fails."""
+    import subprocess
+    import sys
+    from importlib.metadata import entry_points
+
+    assert entry_points(group="console_scripts")["fourdstream"].value == "fourdstream.cli:run"
+    code = ("import gc, sys; from fourdstream import cli; sys.argv = ['fourdstream'] + sys.argv[1:]\n"
+            "try:\n    cli.run()\nexcept SystemExit as e:\n    print(e.code, gc.get_freeze_count() > 0)")
+    for args, status in ((["--version"], "0"), (["inspect", "/nonexistent.h5"], "2")):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[-2:] == [status, "True"], out
+
+
 def test_batch_size_defaults_are_the_ones_help_states(small_scan):
     """`--batch-size` unset: count reads and counts 8 frames at a time, the receiver 32."""
     from fourdstream.offline import READ_BATCH, count_raw_scan
