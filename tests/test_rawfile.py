@@ -72,6 +72,20 @@ def test_file_truncated_after_indexing_is_a_clear_error(scan_copy):
         scan.read(slice(None))
 
 
+def test_headers_read_record_by_record_equal_the_files_records(scan_copy):
+    """The index reads each record's 16-byte header with one pread: the same headers as
+    the records viewed whole, and a clear error for a file shorter than indexed."""
+    from fourdstream.rawfile import _read_headers
+
+    folder, _ = scan_copy
+    path = _files(folder, 2)[0]
+    n = path.stat().st_size // REC
+    records = np.fromfile(path, detector.record_dtype(5))
+    assert np.array_equal(_read_headers(path, n, REC), records["header"])
+    with pytest.raises(RawFormatError, match="ends inside its header"):
+        _read_headers(path, n + 1, REC)
+
+
 def test_reference_reader_reads_our_files(small_scan):
     sio = pytest.importorskip("stempy.io")
     folder, frames, _ = small_scan
