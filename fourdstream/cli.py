@@ -76,9 +76,8 @@ def main():
 def run() -> None:
     """The ``fourdstream`` program (and ``python -m fourdstream``): :func:`main`, then every
     object frozen out of the garbage collector, so that the interpreter's final collection
-    does not walk them: the process is ending, and once numba has loaded a kernel that
-    walk through its compiler's objects is a sizeable part of a short command's time.
-    Files and sockets are closed by the commands themselves."""
+    does not walk them: the process is ending, and numba's compiler leaves many. Files
+    and sockets are closed by the commands themselves."""
     try:
         main()
     finally:

@@ -98,8 +98,8 @@ def singleton_defaults(env=os.environ) -> None:
     as ``fourdstream count`` without mpiexec), unless the user chose otherwise:
     point-to-point over ob1 (self and shared memory), which needs no network (Open MPI's
     search for UCX takes 0.2 of the 0.35 s that MPI takes to start here), and no orted
-    daemon forked for the singleton (``ess_singleton_isolated``: 0.09 s more; it would
-    only serve MPI_Comm_spawn, which fourdstream does not use). Call before mpi4py's
+    daemon forked for the singleton (``ess_singleton_isolated``; it would only serve
+    MPI_Comm_spawn, which fourdstream does not use). Call before mpi4py's
     ``MPI`` is imported."""
     if not any(k in env for k in LAUNCHED):
         env.setdefault("OMPI_MCA_pml", "ob1")

@@ -8,8 +8,8 @@ sector number comes only from the file name.
 Reading is done in two steps so that memory stays bounded for scans larger than RAM:
 
 1. :class:`RawScan` reads only the record headers, 16 bytes per 166 kB record, one
-   ``pread`` each (a memory map would fault in a page per header, several times
-   slower). Every header is validated; bad records are kept
+   ``pread`` each (a memory map would fault in a page per header). Every header is
+   validated; bad records are kept
    as :class:`BadRecord` entries (file, byte offset, reason) and left out. The
    valid records are grouped into frames by ``frame_number``.
 2. :meth:`RawScan.read` / :meth:`RawScan.batches` read the sectors of the
@@ -124,8 +124,8 @@ def _mode(values: np.ndarray):
 
 def _read_headers(path: Path, n: int, record_size: int) -> np.ndarray:
     """The headers of the first ``n`` records of ``path`` (records of ``record_size`` bytes,
-    each starting with its header): one ``pread`` per record (a memory map faults in one
-    page per header, several times slower)."""
+    each starting with its header): one ``pread`` per record (a memory map would fault in
+    one page per header)."""
     headers = np.empty(n, detector.HEADER_DTYPE)
     size = detector.HEADER_DTYPE.itemsize
     into = memoryview(headers.view(np.uint8))
