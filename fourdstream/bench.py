@@ -134,13 +134,7 @@ def _interleaved(fns: dict, repeats: int, *, warm: bool = False) -> dict:
 
 def _timed(fn, repeats: int) -> list[float]:
     """Seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    return _interleaved({"run": fn}, repeats)["run"]
 
 
 def _python(*args) -> list[str]:

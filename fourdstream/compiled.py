@@ -381,7 +381,8 @@ class CompiledCounter(ElectronCounter):
             floor = np.zeros(FRAME_PIXELS, np.uint16)
         self._pixel_floor = np.ascontiguousarray(floor, np.uint16)
         self._block_floor = self._pixel_floor.reshape(-1, BLOCK).min(axis=1)
-        self._uniform = np.uint16(self._floor) if np.ndim(self._floor) == 0 else None
+        # The integer path compares a floor that is the same for every pixel as one value.
+        self._uniform = np.uint16(self._floor) if exact and np.ndim(self._floor) == 0 else None
 
     def count(self, frames):
         """Count a batch ``(n, 576, 576)`` uint16; returns ``(events uint32, offsets int64)``."""
