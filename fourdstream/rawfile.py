@@ -8,10 +8,10 @@ sector number comes only from the file name.
 Reading is done in two steps so that memory stays bounded for scans larger than RAM:
 
 1. :class:`RawScan` reads only the record headers, 16 bytes per 166 kB record, one
-   ``pread`` each (a memory map would fault in a page per header). Every header is
-   validated; bad records are kept
-   as :class:`BadRecord` entries (file, byte offset, reason) and left out. The
-   valid records are grouped into frames by ``frame_number``.
+   ``pread`` each (a memory map would fault in a page per header), after telling the
+   kernel of them all, so that a disk serves them many at a time. Every header is
+   validated; bad records are kept as :class:`BadRecord` entries (file, byte offset,
+   reason) and left out. The valid records are grouped into frames by ``frame_number``.
 2. :meth:`RawScan.read` / :meth:`RawScan.batches` read the sectors of the
    requested frames into ``(n, 576, 576)`` arrays with ``preadv``: a version-5
    sector is a band of whole rows, so the kernel copies it from the page cache
@@ -125,12 +125,16 @@ def _mode(values: np.ndarray):
 def _read_headers(path: Path, n: int, record_size: int) -> np.ndarray:
     """The headers of the first ``n`` records of ``path`` (records of ``record_size`` bytes,
     each starting with its header): one ``pread`` per record (a memory map would fault in
-    one page per header)."""
+    one page per header). The kernel is first told of every header it will be asked for
+    (``posix_fadvise(WILLNEED)``, which queues the reads and returns), so that a file not
+    in the page cache is read with many requests in flight, not one at a time."""
     headers = np.empty(n, detector.HEADER_DTYPE)
     size = detector.HEADER_DTYPE.itemsize
     into = memoryview(headers.view(np.uint8))
     fd = os.open(path, os.O_RDONLY)
     try:
+        for k in range(n):
+            os.posix_fadvise(fd, k * record_size, size, os.POSIX_FADV_WILLNEED)
         for k in range(n):
             if os.preadv(fd, [into[k * size:(k + 1) * size]], k * record_size) != size:
                 raise RawFormatError(f"{path}: record {k} ends inside its header; "

@@ -86,6 +86,33 @@ def test_headers_read_record_by_record_equal_the_files_records(scan_copy):
         _read_headers(path, n + 1, REC)
 
 
+def test_headers_are_all_asked_for_before_the_first_is_read(scan_copy, monkeypatch):
+    """The kernel is told of every header (``posix_fadvise(WILLNEED)``) before the first
+    ``pread`` waits on one, so that a disk has them all in flight at once."""
+    from fourdstream import rawfile
+
+    folder, _ = scan_copy
+    path = _files(folder, 2)[0]
+    n = path.stat().st_size // REC
+    calls = []
+    fadvise, preadv = os.posix_fadvise, os.preadv
+
+    def advised(fd, offset, length, advice):
+        calls.append(("advise", offset, length, advice))
+        return fadvise(fd, offset, length, advice)
+
+    def read(fd, buffers, offset):
+        calls.append(("read", offset))
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(rawfile.os, "posix_fadvise", advised)
+    monkeypatch.setattr(rawfile.os, "preadv", read)
+    rawfile._read_headers(path, n, REC)
+    size = detector.HEADER_DTYPE.itemsize
+    assert calls == ([("advise", k * REC, size, os.POSIX_FADV_WILLNEED) for k in range(n)]
+                     + [("read", k * REC) for k in range(n)])
+
+
 def test_reference_reader_reads_our_files(small_scan):
     sio = pytest.importorskip("stempy.io")
     folder, frames, _ = small_scan
