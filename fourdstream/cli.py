@@ -945,7 +945,7 @@ def plan(config_file, bench_file):
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="Small sizes: about 5 minutes on 2 cores.")
+@click.option("--quick", is_flag=True, help="Small sizes: about 6 minutes on 2 cores.")
 @click.option("--json", "json_path", default="fourdstream-bench.jsonl", show_default=True,
               type=click.Path(dir_okay=False), help="Append the run's record (one JSON line) here.")
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), default=None,
