@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -41,6 +42,7 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
                 "counting_step_seconds", "counting_step_1_thread_seconds"):
         assert _is_stats(k[key]), key
     assert k["frames"] == 64 and k["speedup_vs_stempy"] > 0 and k["threads_speedup"] > 0
+    assert k["cold_still_cached"] == 0      # the harness's folder is on a disk here
     # The counting step is part of the command, which its file's timings come from.
     assert 0 < k["counting_step_seconds"]["max"] < k["ours_seconds"]["min"]
     assert k["counting_step_threads_speedup"] > 0
@@ -135,8 +137,21 @@ def test_evicted_files_leave_the_page_cache(tmp_path):
         return int(out)
 
     assert resident() == 8 << 20
-    bench._evict([path])
+    assert bench._evict([path]) == 0
     assert resident() == 0
+
+
+def test_files_that_cannot_be_evicted_are_reported(record):
+    """A tmpfs file lives in memory: eviction says it is all still there, and the table
+    says so beside the disk figures."""
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", suffix=".data") as f:
+        f.write(b"x" * (1 << 20))
+        f.flush()
+        assert bench._evict([f.name]) == 1
+    changed = json.loads(json.dumps(record))
+    assert "in memory" not in bench.table(changed)
+    changed["stages"]["count_command"]["cold_still_cached"] = 1.0
+    assert "read from the disk (100% of them in memory: tmpfs?)" in bench.table(changed)
 
 
 def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):

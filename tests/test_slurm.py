@@ -204,12 +204,17 @@ def test_bench_sbatch_quick_reports_every_stage_with_ranks_started_by_srun(clust
     from the script, with the plugin chosen for mpi4py's MPI)."""
     from fourdstream.bench import DEFAULT_STAGES
 
-    results, log = tmp_path / "bench.jsonl", tmp_path / "bench.log"
+    results, log, scratch = tmp_path / "bench.jsonl", tmp_path / "bench.log", tmp_path / "scratch"
+    scratch.mkdir()
     job = _submit(cluster, "bench.sbatch", results, "--quick", "--repeats", 1, nodes=1,
-                  tasks_per_node=4, log=log)   # one repeat after the warm-up: half the time
+                  tasks_per_node=4, log=log,   # one repeat after the warm-up: half the time
+                  env={"SCRATCH": str(scratch)})
     text = _finished(cluster, job, log, timeout=900)
     record = json.loads(results.read_text().splitlines()[-1])
     assert record["machine"]["launcher"].startswith("srun --mpi=pmix"), record["machine"]
+    # Its files on the scratch file system, from which the disk figures' files were evicted.
+    assert record["machine"]["folder"].startswith(str(scratch) + "/"), record["machine"]
+    assert record["stages"]["count_command"]["cold_still_cached"] == 0
     assert set(record["stages"]) == set(DEFAULT_STAGES)
     assert record["stages"]["scaling"]["ranks"].keys() == {"1", "2", "4"}
     assert all(r["complete"] == r["frames"] for r in record["stages"]["scaling"]["ranks"].values())
