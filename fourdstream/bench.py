@@ -53,6 +53,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -254,11 +255,11 @@ with ThreadPoolExecutor(threads) as pool:
 """
 
 
-def _evict(paths) -> float:
+def _evict(paths) -> float | None:
     """Drop the files ``paths`` from the page cache (their pages written back first), so
     that the next read of them comes from the disk. Returns the fraction of their bytes
-    still in memory after it (``fincore``, util-linux): 1 on tmpfs, whose files live in
-    memory and cannot be evicted."""
+    still in memory after it (``fincore``, util-linux >= 2.30; None without it): 1 on
+    tmpfs, whose files live in memory and cannot be evicted."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -266,6 +267,8 @@ def _evict(paths) -> float:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+    if shutil.which("fincore") is None:
+        return None
     resident = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *map(str, paths)],
                               capture_output=True, text=True, check=True).stdout.split()
     return sum(map(int, resident)) / sum(os.path.getsize(path) for path in paths)
@@ -331,7 +334,7 @@ def bench_count_command(cfg: Config, folder: Path, log) -> dict:
                            before={name: lambda: still_cached.append(_evict(files))
                                    for name in runs if name.startswith("cold_")})
     out = {"frames": sim.n_frames, "cpus": cpus, **{k: _stats(v) for k, v in seconds.items()},
-           "cold_still_cached": max(still_cached)}
+           "cold_still_cached": None if None in still_cached else max(still_cached)}
     out["counting_step_1_thread_seconds"] = _stats(counting_step[1][1:])    # after the warm-up
     out["counting_step_seconds"] = _stats(counting_step[cpus][1:])
     if importlib.util.find_spec("stempy") is not None:
@@ -746,8 +749,9 @@ def table(record: dict) -> str:
             f"{k['read_ceiling_seconds']:.2f} s", bounded(k['ratio_to_read']))
         if "cold_ours_seconds" in k:
             cached = k.get("cold_still_cached", 0)
-            row("  the same, files read from the disk" + (f" ({cached:.0%} of them in memory: tmpfs?)"
-                                                         if cached > 0.01 else ""),
+            row("  the same, files read from the disk" + (
+                " (not checked: no fincore)" if cached is None else
+                f" ({cached:.0%} of them in memory: tmpfs?)" if cached > 0.01 else ""),
                 f"{_seconds(k['cold_ours_seconds']):.2f} s",
                 f"the same read from the disk {k['cold_read_ceiling_seconds']:.2f} s",
                 bounded(k['cold_ratio_to_read']))

@@ -154,6 +154,16 @@ def test_files_that_cannot_be_evicted_are_reported(record):
     assert "read from the disk (100% of them in memory: tmpfs?)" in bench.table(changed)
 
 
+def test_without_fincore_eviction_is_reported_as_not_checked(tmp_path, monkeypatch, record):
+    path = tmp_path / "raw.data"
+    path.write_bytes(b"x" * 4096)
+    monkeypatch.setenv("PATH", str(tmp_path))      # no fincore there
+    assert bench._evict([path]) is None
+    changed = json.loads(json.dumps(record))
+    changed["stages"]["count_command"]["cold_still_cached"] = None
+    assert "read from the disk (not checked: no fincore)" in bench.table(changed)
+
+
 def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
     """Noise only slows a run, so every ratio is best repeat over best repeat: the
     highest rate, the shortest time."""
