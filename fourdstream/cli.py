@@ -17,9 +17,18 @@ from pathlib import Path
 
 import click
 
-from . import __version__, config, launch
-from .detector import ScanGeometry, parse_scan_size
-from .route import DEFAULT_CHUNK
+# The program's parallelism is its ranks and its counting threads. The BLAS behind numpy
+# and scipy (only the calibration's small fits use it) runs on the calling thread: a pool
+# of its own would spin on the cores the ranks count on. Set before numpy is loaded, and
+# inherited by the processes the program starts (ranks, senders); a value given is kept.
+# (OMP_NUM_THREADS is left alone: other tools' OpenMP threads are theirs to choose.)
+for _threads in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_threads, "1")
+del _threads
+
+from . import __version__, config, launch  # noqa: E402
+from .detector import ScanGeometry, parse_scan_size  # noqa: E402  (numpy loads here)
+from .route import DEFAULT_CHUNK  # noqa: E402
 
 
 class _Group(click.Group):

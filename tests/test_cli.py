@@ -166,6 +166,31 @@ def test_the_program_freezes_its_objects_out_of_the_final_collection():
         assert out[-2:] == [status, "True"], out
 
 
+def test_the_program_runs_blas_on_the_calling_thread():
+    """The program loads numpy with BLAS on one thread (no pool of BLAS threads to spin on
+    the cores the ranks count on), and passes that on to the processes it starts; a value
+    the user gave is kept."""
+    import os
+    import subprocess
+    import sys
+
+    names = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+    code = ("import os, sys; from fourdstream import cli; import numpy as np; "
+            "np.ones((256, 256)) @ np.ones((256, 256)); "      # a BLAS call: its pool would start
+            "print(len(os.listdir('/proc/self/task')), *(os.environ[n] for n in sys.argv[1:]))")
+    clean = {k: v for k, v in os.environ.items() if k not in names}
+    for given, expected in (({}, ["1", "1"]), ({"OPENBLAS_NUM_THREADS": "2"}, ["2", "1"])):
+        out = subprocess.run([sys.executable, "-c", code, *names[:2]], env={**clean, **given},
+                             capture_output=True, text=True, check=True).stdout.split()
+        assert out[1:] == expected, out
+        if not given:
+            assert out[0] == "1", out        # the main thread alone: no BLAS threads
+    out = subprocess.run([sys.executable, "-c", "import os; from fourdstream import cli; "
+                          "print(os.environ.get('OMP_NUM_THREADS'))"], env=clean,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["None"]                   # OpenMP threads of other tools are theirs to choose
+
+
 def test_batch_size_defaults_are_the_ones_help_states(small_scan):
     """`--batch-size` unset: count reads and counts 8 frames at a time, the receiver 32."""
     from fourdstream.offline import READ_BATCH, count_raw_scan
