@@ -82,11 +82,20 @@ def main():
     launch.singleton_defaults()
 
 
+#: Allocations between two collections of the youngest generation, for the program
+#: (Python's default: 700). Its start-up (imports, numba loading a kernel) makes hundreds
+#: of thousands of objects that live as long as the process; at 700 the collector walks
+#: them again and again. Cycles are still collected, a little later.
+GC_THRESHOLD = 100_000
+
+
 def run() -> None:
-    """The ``fourdstream`` program (and ``python -m fourdstream``): :func:`main`, then every
-    object frozen out of the garbage collector, so that the interpreter's final collection
-    does not walk them: the process is ending, and numba's compiler leaves many. Files
-    and sockets are closed by the commands themselves."""
+    """The ``fourdstream`` program (and ``python -m fourdstream``): :func:`main` with the
+    collector's threshold at :data:`GC_THRESHOLD`, then every object frozen out of the
+    garbage collector, so that the interpreter's final collection does not walk them: the
+    process is ending, and numba's compiler leaves many. Files and sockets are closed by
+    the commands themselves."""
+    gc.set_threshold(GC_THRESHOLD)
     try:
         main()
     finally:

@@ -151,19 +151,25 @@ def test_a_process_no_launcher_started_uses_shared_memory_mpi_unless_told():
 
 
 def test_the_program_freezes_its_objects_out_of_the_final_collection():
-    """`fourdstream` and `python -m fourdstream` run cli.run: main, then gc.freeze, even
-    when the command exits or fails."""
+    """`fourdstream` and `python -m fourdstream` run cli.run: main with the collector's
+    raised threshold, then gc.freeze, even when the command exits or fails."""
     import subprocess
     import sys
     from importlib.metadata import entry_points
 
     assert entry_points(group="console_scripts")["fourdstream"].value == "fourdstream.cli:run"
     code = ("import gc, sys; from fourdstream import cli; sys.argv = ['fourdstream'] + sys.argv[1:]\n"
-            "try:\n    cli.run()\nexcept SystemExit as e:\n    print(e.code, gc.get_freeze_count() > 0)")
+            "try:\n    cli.run()\nexcept SystemExit as e:\n"
+            "    print(e.code, gc.get_freeze_count() > 0, gc.get_threshold()[0] == cli.GC_THRESHOLD)\n"
+            # a cycle is still collected, without being asked, once enough objects follow it
+            "import weakref\nclass Cycle: pass\n"
+            "c = Cycle(); c.me = c; alive = weakref.ref(c); del c\n"
+            "objects = [Cycle() for _ in range(cli.GC_THRESHOLD // 2)]; print(alive() is None)\n"
+            "objects += [Cycle() for _ in range(cli.GC_THRESHOLD)]; print(alive() is None)")
     for args, status in ((["--version"], "0"), (["inspect", "/nonexistent.h5"], "2")):
         out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                              check=True).stdout.split()
-        assert out[-2:] == [status, "True"], out
+        assert out[-5:] == [status, "True", "True", "False", "True"], out
 
 
 def test_the_program_runs_blas_on_the_calling_thread():
