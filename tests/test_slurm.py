@@ -33,14 +33,25 @@ def cluster(tmp_path_factory):
         yield c
         leftover = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=c.env, capture_output=True,
                                   text=True).stdout.strip()
-    assert not _processes("fourdstream"), "a job left processes behind"
+    left = _job_processes(c, "fourdstream")
+    assert not left, f"a job left processes behind: {left}"
     assert not leftover or "COMPLETING" in leftover, leftover
 
 
-def _processes(text: str) -> list[str]:
-    """``PID COMMAND`` of the processes whose command line holds ``text`` (not this one)."""
+def _job_processes(cluster, text: str) -> list[str]:
+    """``PID COMMAND`` of the processes started in ``cluster``'s jobs (its ``SLURM_CONF`` in
+    their environment; not a shell outside it) whose command line holds ``text``."""
+    mark = f"SLURM_CONF={cluster.conf}".encode()
     out = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if int(line.split()[0]) != os.getpid()]
+    found = []
+    for line in out.splitlines():
+        try:
+            environ = Path(f"/proc/{line.split()[0]}/environ").read_bytes().split(b"\0")
+        except OSError:          # ended since
+            continue
+        if mark in environ:
+            found.append(line)
+    return found
 
 
 def _job_env(cluster) -> dict:
@@ -180,7 +191,7 @@ def test_stream_sbatch_restarts_the_receiver_in_the_allocation_when_a_rank_dies(
     try:
         _send(site)
         _wait_for([first], log)
-        ranks = [line.split()[0] for line in _processes("fourdstream receive")]
+        ranks = [line.split()[0] for line in _job_processes(cluster, "fourdstream receive")]
         assert ranks, "no rank found"
         subprocess.run(["kill", "-9", ranks[-1]])
         # scan 2 starts once the new step is up (one sent into the dying step would be lost
