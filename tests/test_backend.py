@@ -81,3 +81,18 @@ def test_gather_runs_equals_concatenating_slices():
     got = gather_runs(source, starts, counts)
     assert got.dtype == np.uint32 and np.array_equal(got, expected)
     assert len(gather_runs(source, starts[:0], counts[:0])) == 0
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_read_pass_counts_the_blocks_that_reach_a_value(prefetch):
+    """The harness's ceiling reads every pixel: a value in any block, the last one included, counts."""
+    from fourdstream.compiled import BLOCK, read_pass
+
+    rng = np.random.default_rng(4)
+    frames = rng.integers(0, 3000, (3, 576, 576), dtype=np.uint16)
+    frames[2, -1, -1] = 0xFFFF
+    assert read_pass(frames, prefetch=prefetch) == 1
+    for value in (0, 2900, 2999, 3000):
+        expected = int((frames.reshape(-1, BLOCK) >= value).any(axis=1).sum())
+        assert read_pass(frames, value, prefetch=prefetch) == expected
+    assert read_pass(frames[:, ::-1], 0xFFFF, prefetch=prefetch) == 1      # a strided view is read too
