@@ -192,11 +192,12 @@ def bench_counting(cfg: Config, log) -> dict:
             reference = ElectronCounter(darkened, sim.dark)
             figures["dark"]["numpy_fps"] = _stats(n / t for t in _timed(lambda: reference.count(frames),
                                                                         cfg.repeats))
-            headline = (frames, sim.dark)
+            headline = (frames, sim.dark, counters["dark"])
         log(f"counting, {dose} e-/frame: " + ", ".join(
             f"{v} {figures[v]['compiled_fps']['median']:,.0f} frames/s" for v in ("plain", "dark",
                                                                                 "dark+gain")))
-    frames, dark = headline
+    frames, dark, counter = headline
+    out["threads"] = _counting_threads(frames, counter, cfg.repeats)
     c = out["by_dose"]["150"]
     out["compiled_fps"] = c["dark"]["compiled_fps"]
     out["numpy_fps"] = c["dark"]["numpy_fps"]
@@ -223,6 +224,29 @@ def bench_counting(cfg: Config, log) -> dict:
         out["cupy_fps"] = _stats(n / t for t in _timed(on_gpu, cfg.repeats))
     out["backends"] = ["compiled", "numpy"] + (["cupy"] if chosen.xp is not np else [])
     return out
+
+
+def _counting_threads(frames, counter, repeats: int) -> dict:
+    """The kernel on 1 thread and on every core, each thread counting its share of the same
+    ``frames`` in memory (as a receiving rank's threads do), beside the memory pass split
+    the same way: how far counting threads scale where no file read bounds them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .compiled import read_pass
+
+    cpus = len(os.sched_getaffinity(0))
+    shares = np.array_split(frames, cpus)
+    read = functools.partial(read_pass, prefetch=True)
+    with ThreadPoolExecutor(cpus) as pool:
+        runs = _interleaved({"one": lambda: counter.count(frames), "all": lambda: list(pool.map(counter.count, shares)),
+                             "read_one": lambda: read(frames), "read_all": lambda: list(pool.map(read, shares))},
+                            repeats)
+    fps = {name: _stats(len(frames) / t for t in seconds) for name, seconds in runs.items()}
+    return {"cpus": cpus, "one_fps": fps["one"], "all_fps": fps["all"],
+            "memory_pass_one_fps": fps["read_one"], "memory_pass_all_fps": fps["read_all"],
+            "speedup": _rate(fps["all"]) / _rate(fps["one"]),
+            "memory_pass_speedup": _rate(fps["read_all"]) / _rate(fps["read_one"]),
+            "ratio_to_memory_pass": _rate(fps["all"]) / _rate(fps["read_all"])}
 
 
 def _compile_seconds() -> dict:
@@ -734,6 +758,12 @@ def table(record: dict) -> str:
                     f"{_rate(k['compiled_fps']):,.0f} frames/s",
                     f"memory pass {_rate(figures['memory_pass_fps']):,.0f} frames/s",
                     bounded(k['ratio_to_memory_pass']))
+        if "threads" in c:
+            t = c["threads"]
+            row(f"  150 e-/frame, dark, 1 vs {t['cpus']} threads",
+                f"{_rate(t['one_fps']):,.0f} vs {_rate(t['all_fps']):,.0f} frames/s ({t['speedup']:.2f}x)",
+                f"memory pass on {t['cpus']} threads {_rate(t['memory_pass_all_fps']):,.0f} frames/s "
+                f"({t['memory_pass_speedup']:.2f}x)", bounded(t["ratio_to_memory_pass"]))
         row("counting, numpy reference, 150, dark", f"{_rate(c['numpy_fps']):,.0f} frames/s",
             f"compiled {_rate(c['compiled_fps']):,.0f} frames/s",
             f"{_rate(c['numpy_fps']) / _rate(c['compiled_fps']):.2f}")

@@ -1,6 +1,7 @@
 """The benchmark harness runs every stage and records every field (no timing assertions)."""
 
 import json
+import os
 import subprocess
 import tempfile
 
@@ -36,6 +37,13 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
     for figures in c["by_dose"].values():
         assert {"plain", "dark", "dark+gain"} <= set(figures) and _is_stats(figures["memory_pass_fps"])
     assert c["compile_seconds"]["uncached"] > 0 and c["compile_seconds"]["cached"] > 0
+    t = c["threads"]
+    assert t["cpus"] == len(os.sched_getaffinity(0))
+    for key in ("one_fps", "all_fps", "memory_pass_one_fps", "memory_pass_all_fps"):
+        assert _is_stats(t[key]), key
+    assert t["speedup"] == pytest.approx(t["all_fps"]["max"] / t["one_fps"]["max"])
+    assert t["ratio_to_memory_pass"] == pytest.approx(t["all_fps"]["max"] / t["memory_pass_all_fps"]["max"])
+    assert f"1 vs {t['cpus']} threads" in bench.table(record)
     k = st["count_command"]
     for key in ("ours_seconds", "ours_1_thread_seconds", "read_seconds", "read_1_thread_seconds",
                 "stempy_seconds", "cold_ours_seconds", "cold_read_seconds", "cold_read_1_thread_seconds",
