@@ -107,10 +107,13 @@ def _integer_maxima(typingctx, pixels, start, floor, limit, first, last):
     as the ranks ``r = raw - (floor - 1)`` saturated at 0, kept where ``r <= limit``
     (else 0), which order them as the values do when ``offset >= 1`` and
     ``floor >= 1``. ``floor``: the per-pixel floor (uint16 array) or, where it is the
-    same for every pixel, that value (uint16: no table read). The neighbours' ranks are
-    read by unaligned loads one pixel and one row away, so the caller keeps
-    ``start - 577`` and ``start + 640`` inside the frame; ``first``/``last``: the block
-    starts/ends a row (its first/last pixel has no left/right neighbours).
+    same for every pixel, that value (uint16: no table read). Ranks are computed for the
+    64 pixels one to the left and the 64 one to the right, in the block's row and in the
+    rows above and below (unaligned loads: the caller keeps ``start - 577`` and
+    ``start + 640`` inside the frame); the block's own ranks, and those of the pixels
+    above and below it, are lanes of those (one shuffle), so 6 vectors of ranks are
+    computed, not 9. ``first``/``last``: the block starts/ends a row (its first/last
+    pixel has no left/right neighbours).
     """
     if not (_is_pixels(pixels) and (_is_pixels(floor) or floor == types.uint16)
             and isinstance(start, types.Integer) and limit == types.uint16
@@ -142,10 +145,17 @@ def _integer_maxima(typingctx, pixels, start, floor, limit, first, last):
             keep = ir.Constant(ir.VectorType(ir.IntType(1), BLOCK), [k != lane for k in range(BLOCK)])
             return builder.select(edge, builder.select(keep, ranks, zero), ranks)
 
+        def centre(lefts, rights):    # the block's own pixels: lanes 1-63 of lefts, lane 62 of rights
+            lanes = ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), list(range(1, BLOCK)) + [BLOCK + BLOCK - 2])
+            return builder.shuffle_vector(lefts, rights, lanes)
+
         w = FRAME_COLS
-        left = without_lane(top(rank(-w - 1), rank(-1), rank(w - 1)), 0, is_first)
-        right = without_lane(top(rank(-w + 1), rank(1), rank(w + 1)), BLOCK - 1, is_last)
-        wins = builder.icmp_unsigned(">", rank(0), top(rank(-w), rank(w), left, right))
+        lefts, rights = top(rank(-w - 1), rank(w - 1)), top(rank(-w + 1), rank(w + 1))   # rows above, below
+        own_lefts, own_rights = rank(-1), rank(1)                                         # its own row
+        left = without_lane(top(lefts, own_lefts), 0, is_first)
+        right = without_lane(top(rights, own_rights), BLOCK - 1, is_last)
+        wins = builder.icmp_unsigned(">", centre(own_lefts, own_rights),
+                                     top(centre(lefts, rights), left, right))
         return builder.bitcast(wins, ir.IntType(BLOCK))
     return types.uint64(pixels, start, floor, limit, first, last), codegen
 
