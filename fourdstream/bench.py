@@ -501,9 +501,17 @@ def bench_write(cfg: Config, folder: Path, log) -> dict:
 
 def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) -> dict:
     """End to end with ``ranks`` ranks; with ``ceilings``, also transport and counting alone,
-    and the full run with the live view on (``--live``)."""
+    and the full run with the live view on (``--live``) where its packages are installed
+    (else ``live_fps`` and ``live_cost`` are None)."""
+    from .liveserver import require
+
     out = {"ranks": ranks, "scan": cfg.stream_scan}
-    modes = ("full", "transport", "live") if ceilings else ("full",)
+    try:
+        require()
+        live = ("live",)
+    except RuntimeError as exc:
+        live, out["live_fps"], out["live_cost"], out["live_missing"] = (), None, None, str(exc)
+    modes = ("full", "transport", *live) if ceilings else ("full",)
     runs = {mode: [] for mode in modes}
     for i in range(cfg.repeats + 1):       # interleaved, so drift hits every mode alike
         for mode in modes:
@@ -523,7 +531,8 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
     counting = _run_mpi(ranks, "_count_worker", 256, cfg.repeats)
     out["counting_alone_fps"] = _stats(counting["fps"])
     if ceilings:
-        out["live_cost"] = 1 - _rate(out["live_fps"]) / _rate(out["full_fps"])
+        if live:
+            out["live_cost"] = 1 - _rate(out["live_fps"]) / _rate(out["full_fps"])
         ceiling = min(_rate(out["transport_fps"]), _rate(out["counting_alone_fps"]))
         out["ceiling_fps"] = ceiling
         out["ratio"] = _rate(out["full_fps"]) / ceiling
@@ -820,8 +829,11 @@ def table(record: dict) -> str:
             f"min(transport {_rate(e['transport_fps']):,.0f}, counting {_rate(e['counting_alone_fps']):,.0f})",
             bounded(e['ratio']))
         row("latency: last frame sent -> file closed", f"{_seconds(e['latency_seconds']):.2f} s", "", "")
-        row("  with the live view (--live)", f"{_rate(e['live_fps']):,.0f} frames/s",
-            f"without {_rate(e['full_fps']):,.0f} frames/s", f"cost {e['live_cost']:.0%}")
+        if e.get("live_fps"):
+            row("  with the live view (--live)", f"{_rate(e['live_fps']):,.0f} frames/s",
+                f"without {_rate(e['full_fps']):,.0f} frames/s", f"cost {e['live_cost']:.0%}")
+        elif "live_missing" in e:
+            row("  with the live view (--live)", "not measured: " + e["live_missing"], "", "")
     if "scaling" in st:
         for n, r in st["scaling"]["ranks"].items():
             row(f"scaling, {n} rank(s)", f"{_rate(r['full_fps']):,.0f} frames/s end to end, every "

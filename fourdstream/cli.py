@@ -884,8 +884,9 @@ def demo(scan, ranks, output, dose, sim_seed, rate, live, **kw):
     click.echo(f"fourdstream demo: {scan} scan (+ flyback column), {dose:g} e-/frame, 4 senders -> "
                f"{ranks} receiver ranks (mpiexec)")
     if live:
-        from .liveserver import parse_address
+        from .liveserver import parse_address, require
 
+        require()
         host, port = parse_address(live)
         click.echo(f"live view: http://{host}:{port}/")
     s = run_demo(output, scan=scan, ranks=ranks, dose=dose, seed=sim_seed, rate=rate,

@@ -11,6 +11,7 @@ otherwise: reach it through an SSH tunnel from a compute node.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import json
 import threading
@@ -111,8 +112,19 @@ def image_png(images: dict, name: str) -> bytes | None:
     return png(images[name]) if name in images else None
 
 
+def require() -> None:
+    """Raise a RuntimeError that says what to install unless the live view's packages
+    (tornado, pillow: the ``live`` extra) are installed."""
+    missing = [name for name, module in (("tornado", "tornado"), ("pillow", "PIL"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise RuntimeError(f"the live view (--live) needs {' and '.join(missing)}: "
+                           "pip install 'fourdstream[live]'")
+
+
 def start(state: LiveState, host: str = "127.0.0.1", port: int = 0) -> tuple[str, callable]:
     """Serve ``state`` at ``http://host:port/`` from a thread; ``(url, stop)``."""
+    require()
     import tornado.httpserver
     import tornado.netutil
     import tornado.web

@@ -230,6 +230,11 @@ def test_table_plot_and_compare(record, tmp_path):
                   "raw pyzmq", "collective write", "end to end", "latency", "scaling", "bottleneck"):
         assert words in text
     assert bench.plot(record, tmp_path / "b.png") and (tmp_path / "b.png").stat().st_size > 1000
+    unmeasured = json.loads(json.dumps(record))      # the live view's packages not installed
+    e = unmeasured["stages"]["end_to_end"]
+    e["live_fps"] = e["live_cost"] = None
+    e["live_missing"] = "the live view (--live) needs tornado: pip install 'fourdstream[live]'"
+    assert "not measured: the live view (--live) needs tornado" in bench.table(unmeasured)
     assert bench.compare(record, record) == []
     worse = json.loads(json.dumps(record))
     worse["stages"]["counting"]["compiled_fps"]["median"] /= 2

@@ -175,3 +175,24 @@ def test_the_page_works_offline_no_scripts_or_styles_from_elsewhere():
 
     assert "<script src" not in PAGE and "<link" not in PAGE
     assert "http://" not in PAGE and "https://" not in PAGE and "//cdn" not in PAGE
+
+
+def test_live_view_without_its_packages_says_what_to_install(monkeypatch, tmp_path):
+    """--live without tornado: one error naming the extra, before anything is started."""
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from fourdstream import liveserver
+    from fourdstream.cli import main
+
+    liveserver.require()                   # installed here: no error
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tornado" else real(name, *args))
+    with pytest.raises(RuntimeError, match=r"needs tornado: pip install 'fourdstream\[live\]'"):
+        liveserver.require()
+    result = CliRunner().invoke(main, ["demo", "--scan", "8x8", "--output", str(tmp_path / "out"),
+                                       "--live", "0"])
+    assert result.exit_code == 1 and "pip install 'fourdstream[live]'" in result.output
+    assert not (tmp_path / "out").exists()          # nothing was started
