@@ -273,11 +273,10 @@ def _count(frames, floor, uniform, block_floor, offset, limit, dark, gain_inv, s
 
     The bytes of the block ``AHEAD`` pixels on in the batch are asked for first
     (:func:`_prefetch`). A block is skipped after one vector compare against its floor.
-    On the integer path
-    (``dark is None``) the others are compared whole (:func:`_integer_maxima`), away
-    from the frame's first and last rows; elsewhere their candidates (raw >= floor)
-    become the bits of one 64-bit word (a second compare), which :func:`_block_events`
-    visits.
+    On the integer path (``dark is None``) the others are compared whole
+    (:func:`_integer_maxima`), away from the frame's first and last rows; elsewhere
+    their candidates (raw >= floor) become the bits of one 64-bit word (a second
+    compare), which :func:`_block_events` visits.
     """
     n = frames.shape[0]
     stream = frames.reshape(n * FRAME_PIXELS)
