@@ -162,6 +162,7 @@ def bench_counting(cfg: Config, log) -> dict:
     from .simulate import Simulator
 
     n = cfg.count_frames
+    repeats = max(cfg.repeats, cfg.kernel_repeats)     # the kernels' figures: a call takes milliseconds
     gain = np.random.default_rng(0).uniform(0.8, 1.25, (576, 576)).astype(np.float32)
     out = {"frames": n, "by_dose": {}, "compile_seconds": _compile_seconds()}
     sims = {dose: Simulator(ScanGeometry(n, 1), dose=dose, seed=1, pattern="disc")
@@ -184,7 +185,7 @@ def bench_counting(cfg: Config, log) -> dict:
         fns = {"numpy max": lambda: frames.max(axis=(1, 2)), "compiled read": lambda: read_pass(frames),
                "compiled read, prefetched": lambda: read_pass(frames, prefetch=True),
                **{v: functools.partial(c.count, frames) for v, c in counters.items()}}
-        runs = _interleaved(fns, max(cfg.repeats, cfg.kernel_repeats), before=fns)
+        runs = _interleaved(fns, repeats, before=fns)
         fps = {name: _stats(n / t for t in seconds) for name, seconds in runs.items()}
         memory = max(fps["numpy max"], fps["compiled read"], fps["compiled read, prefetched"], key=_rate)
         out["by_dose"][str(dose)] = figures = {"memory_pass_fps": memory}
@@ -200,7 +201,7 @@ def bench_counting(cfg: Config, log) -> dict:
             f"{v} {figures[v]['compiled_fps']['median']:,.0f} frames/s" for v in ("plain", "dark",
                                                                                 "dark+gain")))
     frames, dark, counter = headline
-    out["threads"] = _counting_threads(frames, counter, max(cfg.repeats, cfg.kernel_repeats))
+    out["threads"] = _counting_threads(frames, counter, repeats)
     c = out["by_dose"]["150"]
     out["compiled_fps"] = c["dark"]["compiled_fps"]
     out["numpy_fps"] = c["dark"]["numpy_fps"]

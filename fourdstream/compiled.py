@@ -180,6 +180,15 @@ def _prefetch(typingctx, pixels, start):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
+def _prefetch_block(stream, at):
+    """Ask for the block ``stream[at:at + BLOCK]`` (its two 64-byte lines) where it lies in
+    ``stream``: what the kernel does ``AHEAD`` pixels before each block it compares."""
+    if at < stream.shape[0]:
+        _prefetch(stream, at)
+        _prefetch(stream, at + BLOCK // 2)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
 def _store_bits(wins, start, out, total):
     """The pixels ``start + k`` of the set bits k of ``wins`` stored at ``out[total:]``,
     ascending; returns the new total."""
@@ -272,7 +281,7 @@ def _count(frames, floor, uniform, block_floor, offset, limit, dark, gain_inv, s
     with a larger ``out``).
 
     The bytes of the block ``AHEAD`` pixels on in the batch are asked for first
-    (:func:`_prefetch`). A block is skipped after one vector compare against its floor.
+    (:func:`_prefetch_block`). A block is skipped after one vector compare against its floor.
     On the integer path (``dark is None``) the others are compared whole
     (:func:`_integer_maxima`), away from the frame's first and last rows; elsewhere
     their candidates (raw >= floor) become the bits of one 64-bit word (a second
@@ -287,10 +296,7 @@ def _count(frames, floor, uniform, block_floor, offset, limit, dark, gain_inv, s
         scale = None if scales is None else scales[i]
         for b in range(FRAME_PIXELS // BLOCK):
             start = b * BLOCK
-            ahead = i * FRAME_PIXELS + start + AHEAD
-            if ahead < stream.shape[0]:
-                _prefetch(stream, ahead)
-                _prefetch(stream, ahead + BLOCK // 2)    # a block is two 64-byte lines
+            _prefetch_block(stream, i * FRAME_PIXELS + start + AHEAD)
             if not _any_at_least(raw, start, block_floor[b]):   # no pixel reaches the floor
                 continue
             if dark is None:   # the integer path: the block compared whole, away from top and bottom
@@ -388,9 +394,8 @@ def _blocks_at_least(frames, value, prefetch):
     stream = frames.reshape(frames.size)
     blocks = 0
     for start in range(0, stream.shape[0], BLOCK):
-        if prefetch and start + AHEAD < stream.shape[0]:
-            _prefetch(stream, start + AHEAD)
-            _prefetch(stream, start + AHEAD + BLOCK // 2)
+        if prefetch:
+            _prefetch_block(stream, start + AHEAD)
         blocks += _any_at_least(stream, start, value) != 0
     return blocks
 
@@ -400,7 +405,7 @@ def read_pass(frames, value: int = 0xFFFF, *, prefetch: bool = False) -> int:
     pixel >= ``value``: one read of every pixel with the kernel's own block test, and
     nothing else where no pixel reaches ``value``; the ceiling the harness measures the
     kernel against. ``prefetch``: ask for the bytes ``AHEAD`` pixels on, as the kernel
-    does (:func:`_prefetch`)."""
+    does (:func:`_prefetch_block`)."""
     return int(_blocks_at_least(np.ascontiguousarray(frames), np.uint16(value), prefetch))
 
 
