@@ -182,6 +182,7 @@ def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
             assert len(figures[variant]["compiled_fps"]["values"]) == TINY.kernel_repeats > TINY.repeats
             assert figures[variant]["ratio_to_memory_pass"] == pytest.approx(
                 figures[variant]["compiled_fps"]["max"] / figures["memory_pass_fps"]["max"])
+    assert bench.QUICK.kernel_repeats == bench.FULL.kernel_repeats == 10      # bench --help: "at least 10"
     k = st["count_command"]
     for cold in ("", "cold_"):     # the read ceiling: the faster of 1 and all threads
         ceiling = min(k[cold + "read_seconds"]["min"], k[cold + "read_1_thread_seconds"]["min"])
