@@ -268,9 +268,11 @@ def _compile_seconds() -> dict:
 
 #: The read ceiling of the count command: the raw files read by numpy alone, on the
 #: number of threads given, each reading its files in 8 MB chunks into one buffer it
-#: reuses (from the page cache or from the disk, as the count reads them).
+#: reuses (from the page cache or from the disk, as the count reads them). Prints the
+#: seconds of the read itself, without the process's start-up (the ceiling of the
+#: command's counting step).
 _READ_FILES = """
-import os, sys
+import os, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 threads, files = int(sys.argv[1]), sys.argv[2:]
@@ -280,8 +282,10 @@ def read(k):
         with open(name, "rb", buffering=0) as f:
             while f.readinto(buffer) == len(buffer):
                 pass
+start = time.perf_counter()
 with ThreadPoolExecutor(threads) as pool:
     list(pool.map(read, range(threads)))
+print(time.perf_counter() - start)
 """
 
 
@@ -343,41 +347,57 @@ def bench_count_command(cfg: Config, folder: Path, log) -> dict:
               str(raw), "", str(folder / "stempy.h5"), str(cpus),
               str(sim.geometry.width), str(sim.geometry.height)]
     read = lambda t: [sys.executable, "-c", _READ_FILES, str(t), *map(str, files)]
-    counting_step = {}
+    steps = {}     # run name -> seconds of its step: the command's counting step, the read itself
 
-    def wall(cmd, threads=None):
+    def run(cmd) -> str:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}): {proc.stderr[-1500:]}")
+        return proc.stdout
+
+    def wall(name, cmd):
         def run_once():
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}): {proc.stderr[-1500:]}")
-            if threads is not None:
-                timings = open_counted(output).metadata["fourdstream"]["timings"]
-                counting_step.setdefault(threads, []).append(timings["count"])
-        return run_once
+            printed = run(cmd)
+            steps.setdefault(name, []).append(
+                open_counted(output).metadata["fourdstream"]["timings"]["count"] if "ours" in name
+                else float(printed))
+        return name, run_once
 
-    runs = {"read_seconds": wall(read(cpus)), "read_1_thread_seconds": wall(read(1)),
-            "ours_1_thread_seconds": wall(ours(1), 1), "ours_seconds": wall(ours(cpus), cpus),
-            "cold_read_seconds": wall(read(cpus)), "cold_read_1_thread_seconds": wall(read(1)),
-            "cold_ours_seconds": wall(ours(cpus))}
+    runs = dict([wall("read_seconds", read(cpus)), wall("read_1_thread_seconds", read(1)),
+                 wall("ours_1_thread_seconds", ours(1)), wall("ours_seconds", ours(cpus)),
+                 wall("cold_read_seconds", read(cpus)), wall("cold_read_1_thread_seconds", read(1)),
+                 wall("cold_ours_seconds", ours(cpus))])
     still_cached = []     # after each eviction: the fraction of the files still in memory
     seconds = _interleaved(runs, min(cfg.repeats, 3),
                            before={name: lambda: still_cached.append(_evict(files))
                                    for name in runs if name.startswith("cold_")})
     out = {"frames": sim.n_frames, "cpus": cpus, **{k: _stats(v) for k, v in seconds.items()},
            "cold_still_cached": None if None in still_cached else max(still_cached)}
-    out["counting_step_1_thread_seconds"] = _stats(counting_step[1][1:])    # after the warm-up
-    out["counting_step_seconds"] = _stats(counting_step[cpus][1:])
+    step = {name: _stats(v[1:]) for name, v in steps.items()}    # after the warm-up round
+    out["counting_step_1_thread_seconds"] = step["ours_1_thread_seconds"]
+    out["counting_step_seconds"] = step["ours_seconds"]
+    out["cold_counting_step_seconds"] = step["cold_ours_seconds"]
+    for name in ("read_seconds", "read_1_thread_seconds", "cold_read_seconds", "cold_read_1_thread_seconds"):
+        out[name.replace("_seconds", "_step_seconds")] = step[name]     # the read without start-up
     if importlib.util.find_spec("stempy") is not None:
-        out["stempy_seconds"] = _stats(_timed(wall(stempy_count), 1))   # 20 s a run at 8,192 frames
+        out["stempy_seconds"] = _stats(_timed(lambda: run(stempy_count), 1))   # 20 s a run at 8,192 frames
         out["speedup_vs_stempy"] = _seconds(out["stempy_seconds"]) / _seconds(out["ours_seconds"])
     else:
         out["stempy_seconds"] = None
     # The read ceiling: the faster numpy read, on 1 or on all threads (a disk may serve one
-    # stream faster than several).
+    # stream faster than several). The whole command against the whole read process; and
+    # the command's counting step (reading and counting: the part that grows with the scan)
+    # against the read itself, each without its process's fixed costs (start-up, imports;
+    # the command's index, kernel load and write).
     for cold in ("", "cold_"):
         ceiling = min(_seconds(out[cold + "read_seconds"]), _seconds(out[cold + "read_1_thread_seconds"]))
         out[cold + "read_ceiling_seconds"] = ceiling
         out[cold + "ratio_to_read"] = ceiling / _seconds(out[cold + "ours_seconds"])
+        ceiling = min(_seconds(out[cold + "read_step_seconds"]), _seconds(out[cold + "read_1_thread_step_seconds"]))
+        out[cold + "read_step_ceiling_seconds"] = ceiling
+        out[cold + "counting_step_ratio_to_read"] = ceiling / _seconds(out[cold + "counting_step_seconds"])
+        out[cold + "fixed_seconds"] = (_seconds(out[cold + "ours_seconds"])
+                                       - _seconds(out[cold + "counting_step_seconds"]))
     out["threads_speedup"] = _seconds(out["ours_1_thread_seconds"]) / _seconds(out["ours_seconds"])
     # The command reads every byte, so its speed-up from threads is bounded by the read's.
     out["read_threads_speedup"] = _seconds(out["read_1_thread_seconds"]) / _seconds(out["read_seconds"])
@@ -809,6 +829,12 @@ def table(record: dict) -> str:
         if "counting_step_seconds" in k:
             row("  1 vs all threads, its counting step", f"{_seconds(k['counting_step_1_thread_seconds']):.2f} s vs "
                 f"{_seconds(k['counting_step_seconds']):.2f} s", "", f"{k['counting_step_threads_speedup']:.2f}x")
+        if "counting_step_ratio_to_read" in k:
+            for cold, where in (("", "page cache"), ("cold_", "disk")):
+                row(f"  its counting step ({where}), start-up etc. {k[cold + 'fixed_seconds']:.2f} s apart",
+                    f"{_seconds(k[cold + 'counting_step_seconds']):.2f} s",
+                    f"the numpy read without its start-up {k[cold + 'read_step_ceiling_seconds']:.2f} s",
+                    bounded(k[cold + 'counting_step_ratio_to_read']))
     if "transport" in st:
         t = st["transport"]
         row("transport 4 senders -> rank", f"{_rate(t['fourdstream_fps']):,.0f} frames/s "

@@ -30,6 +30,9 @@ is compiled once and cached on disk next to this module (``cache=True``; set
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -40,6 +43,26 @@ from numba.extending import intrinsic
 
 from .counting import ElectronCounter
 from .detector import FRAME_COLS, FRAME_PIXELS, FRAME_ROWS, FRAME_SHAPE
+
+
+def _load_array_functions_without_blas() -> None:
+    """Load numba's array functions (``numba.np.arraymath``, which numba loads with the
+    first kernel) with ``scipy.linalg`` hidden from them. On loading they probe for a
+    BLAS by importing it: 0.06-0.13 s of a command's start, and a second OpenBLAS.
+    The probe only chooses how numba sums inside ``np.convolve`` and ``np.correlate``
+    (BLAS or a loop); the kernels here use neither, and numba's ``np.dot`` and
+    ``np.linalg`` still import scipy when they are compiled. Nothing is hidden where
+    ``scipy.linalg`` or those functions are already loaded."""
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None     # makes ``import scipy.linalg...`` raise ImportError
+    try:
+        importlib.import_module("numba.np.arraymath")
+    finally:
+        del sys.modules["scipy.linalg"]
+
+
+_load_array_functions_without_blas()
 
 BLOCK = 64
 #: How far ahead of the block it compares the kernel asks for the frames' bytes (pixels:

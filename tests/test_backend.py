@@ -43,6 +43,18 @@ def test_numpy_backend_imports_neither_numba_nor_scipy():
     assert out.stdout.strip() == "[]"
 
 
+def test_compiled_kernel_loads_without_scipy_linalg_and_numba_blas_still_works():
+    """Loading and running the kernel does not import scipy.linalg (numba's BLAS probe is
+    kept from it); numba's np.dot imports it when compiled, and works, afterwards."""
+    code = ("import sys; import numba, numpy as np; from fourdstream.compiled import CompiledCounter; "
+            "from fourdstream.counting import Thresholds; "
+            "CompiledCounter(Thresholds(28, 700)).count(np.zeros((1, 576, 576), np.uint16)); "
+            "print('scipy.linalg' in sys.modules); "
+            "print(numba.njit(lambda a: np.dot(a, a))(np.arange(3.0)), 'scipy.linalg' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "5.0", "True"]
+
+
 def test_cupy_counting_matches_numpy_when_a_gpu_exists():
     cupy = pytest.importorskip("cupy")
     if not cupy.cuda.is_available():

@@ -57,6 +57,7 @@ def test_reading_into_a_reused_buffer(small_scan):
         batch = scan.read(np.arange(start, min(start + 8, 54)), out=buffer)
         assert np.shares_memory(batch.frames, buffer)
         assert np.array_equal(batch.frames, frames[start:start + 8])
+    assert scan.read(np.arange(0), out=buffer).frames.shape == (0, 576, 576)   # a rank with no frames
     with pytest.raises(ValueError, match="at least"):
         scan.read(np.arange(9), out=buffer)
     with pytest.raises(ValueError, match="uint16"):
@@ -68,8 +69,29 @@ def test_file_truncated_after_indexing_is_a_clear_error(scan_copy):
     scan = RawScan([folder])
     path = _files(folder, 1)[0]
     os.truncate(path, REC + 100)               # the second record now ends early
-    with pytest.raises(RawFormatError, match="truncated after indexing"):
+    with pytest.raises(RawFormatError, match=f"{path.name}: record 1 ends after 84 of 165888 bytes; "
+                                             "was the file truncated after indexing"):
         scan.read(slice(None))
+
+
+@pytest.mark.parametrize("iov_max", [1024, 5])
+def test_consecutive_records_of_a_file_are_read_with_one_call(small_scan, monkeypatch, iov_max):
+    """Each run of consecutive records of one file is one ``preadv`` of at most IOV_MAX
+    buffers (payloads and the headers between them), whatever order the frames are asked in."""
+    from fourdstream import rawfile
+    folder, frames, _ = small_scan
+    scan = RawScan([folder])                     # (the index reads each header on its own)
+    calls = []
+    preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: calls.append(len(buffers))
+                        or preadv(fd, buffers, offset))
+    monkeypatch.setattr(rawfile, "_IOV_MAX", iov_max)
+    order = np.random.default_rng(1).permutation(len(frames))
+    assert np.array_equal(scan.read(order).frames, frames[order])
+    per_call = (iov_max + 1) // 2                # records a call reads
+    records = [path.stat().st_size // REC for path in scan.files]
+    assert len(calls) == sum(-(-n // per_call) for n in records)
+    assert max(calls) == 2 * min(per_call, max(records)) - 1
 
 
 def test_headers_read_record_by_record_equal_the_files_records(scan_copy):
