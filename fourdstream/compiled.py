@@ -257,14 +257,12 @@ def _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr):
     return np.float64(w) if (bg < w) & (w < xr) else 0.0
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, inline="always")
 def _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr, out, total):
     """The events among one block's candidates (bit k of ``found``: pixel ``start + k``),
     stored at ``out[total:]``; returns the new total. Each candidate's value is compared
     with the largest of its in-frame 8 neighbours' values, with no branch on the values
-    (on sparse frames a mispredicted branch costs more than the arithmetic). A function
-    of its own, called once per block with a candidate, so that the loop over the blocks
-    stays small."""
+    (on sparse frames a mispredicted branch costs more than the arithmetic)."""
     while found:
         j = start + trailing_zeros(found)
         found &= found - np.uint64(1)
@@ -287,6 +285,14 @@ def _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, x
             out[total] = j
         total += top_neighbour < t
     return total
+
+
+@numba.njit(nogil=True, cache=True)
+def _edge_block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr, out, total):
+    """:func:`_block_events` as a function of its own, for the integer path's blocks of
+    the frame's first and last rows: a call there keeps the loop over the other blocks
+    small (inlined, it made the integer path 15 % slower at 1,500 e-/frame)."""
+    return _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr, out, total)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -333,8 +339,12 @@ def _count(frames, floor, uniform, block_floor, offset, limit, dark, gain_inv, s
                     total = _store_bits(wins, start, out, total)
                     continue
             found = _at_least(raw, start, floor)   # bit k: pixel k reaches its own floor
-            total = _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr,
-                                  out, total)
+            if dark is None:
+                total = _edge_block_events(raw, start, found, floor, offset, dark, gain_inv, scale,
+                                           bg, xr, out, total)
+            else:
+                total = _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr,
+                                      out, total)
     offsets[n] = total
     return total
 
