@@ -365,9 +365,10 @@ class RawScan:
         record = self._rec_dtype.itemsize
         got = os.preadv(self._fd(file_id), buffers, first * record + len(header))
         if got != sum(b.nbytes for b in buffers):
-            raise RawFormatError(f"{self.files[file_id]}: record {first + got // record} ends after "
-                                 f"{got % record} of {sectors[0].nbytes} bytes; was the file "
-                                 f"truncated after indexing?")
+            end = len(header) + got             # where the file ends, from record ``first``
+            raise RawFormatError(f"{self.files[file_id]}: record {first + end // record} ends after "
+                                 f"{max(end % record - len(header), 0)} of {sectors[0].nbytes} bytes "
+                                 f"of its sector; was the file truncated after indexing?")
 
     def _fd(self, file_id: int) -> int:
         fd = self._fds.get(file_id)

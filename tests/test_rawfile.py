@@ -64,13 +64,17 @@ def test_reading_into_a_reused_buffer(small_scan):
         scan.read(np.arange(2), out=buffer.astype(np.int32))
 
 
-def test_file_truncated_after_indexing_is_a_clear_error(scan_copy):
+@pytest.mark.parametrize("size, record, payload", [(REC + 100, 1, 84), (REC + 10, 1, 0), (2 * REC - 1, 1, 165887),
+                                                   (100, 0, 84)])
+def test_file_truncated_after_indexing_is_a_clear_error(scan_copy, size, record, payload):
+    """The error names the record that ends early and how much of its sector is there,
+    wherever in a run of records read at once the file ends (inside a header: 0 bytes)."""
     folder, _ = scan_copy
     scan = RawScan([folder])
     path = _files(folder, 1)[0]
-    os.truncate(path, REC + 100)               # the second record now ends early
-    with pytest.raises(RawFormatError, match=f"{path.name}: record 1 ends after 84 of 165888 bytes; "
-                                             "was the file truncated after indexing"):
+    os.truncate(path, size)
+    with pytest.raises(RawFormatError, match=f"{path.name}: record {record} ends after {payload} of 165888 "
+                                             "bytes of its sector; was the file truncated after indexing"):
         scan.read(slice(None))
 
 
