@@ -121,7 +121,10 @@ def test_a_written_scan_is_on_the_page_within_a_second_of_its_file(stream_sessio
     code, output, summaries = s.wait(timeout=120)
     assert code == 0, output
     assert shown_at is not None and shown_at - file_at <= 1.0
-    assert state["session"]["scans_written"][0]["frames"] == 104 and state["scan"]["closed"]
+    assert state["session"]["scans_written"][0]["frames"] == 104
+    # The page's scan is the written one, closed, or already the next one (the senders
+    # send the second scan right after the first).
+    assert (state["scan"]["scan"] == 1 and state["scan"]["closed"]) or state["scan"]["scan"] == 2, state["scan"]
 
 
 def test_demo_live_passes_the_page_on_and_prints_its_url(monkeypatch):
