@@ -314,7 +314,8 @@ def _count(frames, floor, uniform, block_floor, offset, limit, dark, gain_inv, s
     On the integer path (``dark is None``) the others are compared whole
     (:func:`_integer_maxima`), away from the frame's first and last rows; elsewhere
     their candidates (raw >= floor) become the bits of one 64-bit word (a second
-    compare), which :func:`_block_events` visits.
+    compare), which :func:`_block_events` visits (inlined here; a call of its own on the
+    integer path, :func:`_edge_block_events`).
     """
     n = frames.shape[0]
     stream = frames.reshape(n * FRAME_PIXELS)
@@ -337,14 +338,12 @@ def _count(frames, floor, uniform, block_floor, offset, limit, dark, gain_inv, s
                     else:
                         wins = _integer_maxima(raw, start, uniform, limit, first, last)
                     total = _store_bits(wins, start, out, total)
-                    continue
-            found = _at_least(raw, start, floor)   # bit k: pixel k reaches its own floor
-            if dark is None:
-                total = _edge_block_events(raw, start, found, floor, offset, dark, gain_inv, scale,
-                                           bg, xr, out, total)
-            else:
-                total = _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr,
-                                      out, total)
+                else:          # the first or last row: the candidates, one bit each
+                    total = _edge_block_events(raw, start, _at_least(raw, start, floor), floor, offset,
+                                               dark, gain_inv, scale, bg, xr, out, total)
+            else:              # the float path: the candidates, one bit each
+                total = _block_events(raw, start, _at_least(raw, start, floor), floor, offset, dark,
+                                      gain_inv, scale, bg, xr, out, total)
     offsets[n] = total
     return total
 
