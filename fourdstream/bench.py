@@ -164,7 +164,7 @@ def bench_counting(cfg: Config, log) -> dict:
     n = cfg.count_frames
     repeats = max(cfg.repeats, cfg.kernel_repeats)     # the kernels' figures: a call takes milliseconds
     gain = np.random.default_rng(0).uniform(0.8, 1.25, (576, 576)).astype(np.float32)
-    out = {"frames": n, "by_dose": {}, "compile_seconds": _compile_seconds()}
+    out = {"frames": n, "repeats": repeats, "by_dose": {}, "compile_seconds": _compile_seconds()}
     sims = {dose: Simulator(ScanGeometry(n, 1), dose=dose, seed=1, pattern="disc")
             for dose in (15, 150, 1500)}
     # Thresholds: the NCEM calibration (dark = zeros) of the 150 e-/frame frames; with a dark,
@@ -897,9 +897,10 @@ def table(record: dict) -> str:
     lines = [f"{'stage':<{widths[0]}}  {'rate (best)':<{widths[1]}}  {'ceiling (best)':<{widths[2]}}  ratio"]
     lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows]
     m = record["machine"]
+    kernels = st.get("counting", {}).get("repeats")
     lines.append(f"machine: {m['hostname']}, {m['cpu_count']} CPUs ({m['cpu']}); "
-                 f"best of {record['parameters']['repeats']} repeats after a warm-up (the counting kernels: "
-                 f"best of {max(record['parameters']['repeats'], record['parameters'].get('kernel_repeats', 0))})")
+                 f"best of {record['parameters']['repeats']} repeats after a warm-up"
+                 + (f" (the counting kernels: best of {kernels})" if kernels else ""))
     sz = record.get("sizing", {})
     if sz.get("stages"):
         lines.append(f"sizing for {sz['frame_rate_fps']:,.0f} frames/s ({sz['gbit_per_s']:.0f} Gbit/s), "

@@ -190,6 +190,7 @@ def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
             assert figures[variant]["ratio_to_memory_pass"] == pytest.approx(
                 figures[variant]["compiled_fps"]["max"] / figures["memory_pass_fps"]["max"])
     assert bench.QUICK.kernel_repeats == bench.FULL.kernel_repeats == 10      # bench --help: "at least 10"
+    assert st["counting"]["repeats"] == max(TINY.repeats, TINY.kernel_repeats)
     k = st["count_command"]
     for cold in ("", "cold_"):     # the read ceiling: the faster of 1 and all threads
         ceiling = min(k[cold + "read_seconds"]["min"], k[cold + "read_1_thread_seconds"]["min"])
