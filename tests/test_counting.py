@@ -167,6 +167,25 @@ def test_ties_across_blocks_and_row_ends_match_dense_reference(Counter, bg, xr):
         assert np.array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("ulps", [-1, 0, 1])
+def test_gain_path_thresholds_compare_in_float64_one_ulp_either_side(Counter, ulps):
+    """Values exactly at the thresholds and thresholds one float64 ulp either side of
+    them: a float32 value passes ``bg < v < xr`` as the float64 compare says (the
+    compiled kernel compares in float32 against the thresholds rounded outward; rounded
+    to nearest instead, 10.0 would fail a bg just below it)."""
+    frames = np.zeros((1, 576, 576), np.uint16)
+    frames[0, 100, 100:500:4] = 10
+    frames[0, 200, 100:500:4] = 20
+    frames[0, 300, 100:500:4] = 15
+    frames[0, 301, 101:500:4] = 10          # each 15's neighbour, at bg
+    step = np.inf if ulps > 0 else -np.inf
+    bg, xr = (10.0, 20.0) if ulps == 0 else (np.nextafter(10.0, step), np.nextafter(20.0, step))
+    counter = Counter(Thresholds(bg, xr), None, np.ones((576, 576), np.float32))
+    ours = events_per_frame(counter, frames)[0]
+    assert np.array_equal(ours, dense_reference(frames, bg, xr, None, np.ones((576, 576)))[0])
+    assert len(ours) == {-1: 200, 0: 100, 1: 200}[ulps]     # the 10s and the 20s in or out
+
+
 def test_gain_candidate_floor_is_the_least_raw_value_that_passes():
     """With a gain the candidate floor is exact: the least raw value whose float32 value
     passes bg (65535 where none does), found against every raw value; 0 for a gain the
