@@ -261,7 +261,7 @@ def count(raw, output, file_version, flyback, overwrite, threads, **kw):
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
 
     def set_up():
-        scan = RawScan(raw, version=int(file_version))
+        scan = RawScan(raw, version=int(file_version), comm=comm)
         scan.label_flyback(flyback)
         return ScanCounting(make_counting_options(kw), comm), scan   # loads dark/gain
 

@@ -1,7 +1,8 @@
 """Counting a scan from raw sector files, on one process or on all ranks of an MPI job.
 
-Every rank indexes the scan's headers (cheap: one page per record), takes the
-frames of the positions it owns under the routing rule that streaming uses
+The ranks index the scan's headers together (each reads every N-th file's, one
+page per record, and all get the whole index), each takes the frames of the
+positions it owns under the routing rule that streaming uses
 (:func:`fourdstream.route.owner`: chunks of positions dealt round-robin), reads
 the sample frames it holds for the joint threshold calibration, and counts its
 frames in batches with ``threads`` threads, each reading and counting its own

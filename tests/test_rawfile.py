@@ -1,9 +1,11 @@
+import hashlib
 import os
 import shutil
 
 import numpy as np
 import pytest
 
+from conftest import run_mpi
 from fourdstream import detector
 from fourdstream.detector import ScanGeometry
 from fourdstream.rawfile import RawFormatError, RawScan, RawScanWriter, raw_filename
@@ -263,3 +265,33 @@ def test_no_files_and_empty_folders_are_clear_errors(tmp_path):
     (tmp_path / raw_filename(1, 0)).write_bytes(b"short")
     with pytest.raises(RawFormatError, match="no complete records"):
         RawScan([tmp_path])
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_share_the_index_reads_and_all_get_the_whole_index(scan_copy, ranks):
+    """Each rank reads the headers of every N-th file (so the reads do not grow with the
+    ranks) and every rank ends with the index one process builds, bad records included."""
+    folder, _ = scan_copy
+    _patch_header(_files(folder, 2)[1], 3, scan_number=99)            # a bad record
+    with open(_files(folder, 0)[-1], "ab") as f:                     # a truncated record
+        f.write(b"\0" * 100)
+    alone = RawScan([folder])
+    assert len(alone.bad_records) == 2
+    digest = hashlib.sha256()
+    for a in (alone.frame_number, alone.position, alone.mask, alone._loc):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    results = run_mpi(ranks, "mpi_index.py", str(folder), "share")
+    names = sorted(p.name for p in alone.files)
+    assert sorted(n for r in results for n in r["read"]) == names       # each file read once
+    for r in results:
+        assert r["read"] == names[r["rank"]::ranks]
+        assert r["index"] == digest.hexdigest() and r["frames"] == len(alone)
+        assert r["duplicates"] == alone.duplicates
+        assert r["bad_records"] == [[b.path, b.offset, b.reason] for b in alone.bad_records]
+
+
+def test_a_rank_failing_to_read_its_headers_is_the_same_error_on_every_rank(scan_copy):
+    folder, _ = scan_copy
+    results = run_mpi(3, "mpi_index.py", str(folder), "fail", timeout=60)
+    assert len({r["error"] for r in results}) == 1
+    assert results[0]["error"].startswith("rank 1: RawFormatError: ") and "cannot be read here" in results[0]["error"]
