@@ -12,6 +12,12 @@ Stages and their ceilings (each measured in the same run, right next to the stag
   read from the disk (evicted from the page cache before each run, as a production
   scan's are); 1 vs all threads, vs the same read's 1 vs all threads (the command
   reads every byte, so it cannot gain more from threads than reading does);
+* **index**: the raw files' index (:class:`~fourdstream.rawfile.RawScan`, what
+  ``fourdstream count`` builds first) of a 256x256 scan (512x512 with ``--full``;
+  header-only files, the sector payloads left as holes) on 1, 2 and 4 ranks, the
+  slowest rank's seconds: the ranks sharing the header reads (each every N-th
+  file's) vs each rank's share of those reads alone (the ceiling), and vs every
+  rank reading them all;
 * **transport**: 4 module senders -> one rank's 4 sockets, decoded and assembled
   into frames (fourdstream's own path), vs raw pyzmq PUSH/PULL of the same
   number of 165,888-byte messages with the same 4 processes;
@@ -95,13 +101,16 @@ class Config:
     scaling_ranks: tuple = (1, 2, 4)
     scale_scan: str = "512x512"
     scale_ranks: tuple = (1, 2, 4)
+    index_scan: str = "256x256"
+    index_ranks: tuple = (1, 2, 4)
     cores_per_node: int = 128
     network_gbit_per_node: float = NETWORK_GBIT_PER_NODE
 
 
 QUICK = Config()
 FULL = Config(repeats=5, count_frames=1024, command_frames=8192, stempy_frames=32, transport_frames=4000,
-              write_events=40_000_000, write_ranks=(1, 2, 3, 4), stream_scan="128x128")
+              write_events=40_000_000, write_ranks=(1, 2, 3, 4), stream_scan="128x128",
+              index_scan="512x512")
 
 
 def _stats(values) -> dict:
@@ -408,6 +417,59 @@ def bench_count_command(cfg: Config, folder: Path, log) -> dict:
     for path in (output, folder / "stempy.h5"):
         path.unlink(missing_ok=True)
     return out
+
+
+def bench_index(cfg: Config, folder: Path, log) -> dict:
+    """The raw scan's index on ``cfg.index_ranks`` ranks (see :func:`_index_worker`), from
+    header-only files of a ``cfg.index_scan`` scan (+ flyback) in the page cache."""
+    from .detector import ScanGeometry, parse_scan_size
+
+    geometry = ScanGeometry.from_probe_grid(*parse_scan_size(cfg.index_scan), flyback=True)
+    raw = folder / "index_raw"
+    log(f"index: {cfg.index_scan} (+ flyback) scan, {4 * geometry.n_frames:,} records, "
+        f"ranks {list(cfg.index_ranks)}")
+    files = _header_only_scan(raw, geometry)
+    out = {"scan": cfg.index_scan, "records": 4 * geometry.n_frames, "files": len(files), "ranks": {}}
+    for n in cfg.index_ranks:
+        runs = _run_mpi(n, "_index_worker", str(raw), cfg.repeats + 1)
+        fig = out["ranks"][str(n)] = {f"{way}_seconds": _stats(runs[way][1:])     # the first: warm-up
+                                      for way in ("shared", "reads", "every")}
+        fig["ratio"] = _seconds(fig["reads_seconds"]) / _seconds(fig["shared_seconds"])
+        fig["speedup_vs_every"] = _seconds(fig["every_seconds"]) / _seconds(fig["shared_seconds"])
+    shutil.rmtree(raw)
+    return out
+
+
+def _header_only_scan(folder: Path, geometry, n_dst: int = 4, frames_per_file: int = 2048) -> list[Path]:
+    """Raw v5 files of a scan of ``geometry`` laid out as :class:`~fourdstream.rawfile.RawScanWriter`
+    lays them out (frame k + 1 at position k, in file ``k % n_dst`` of its module), holding
+    the records' headers and nothing else: the payloads are holes, so the index of a
+    production-size scan (174 GB of frames) takes a 4 kB block a record."""
+    from . import detector
+    from .rawfile import raw_filename
+
+    folder.mkdir()
+    rec = detector.record_dtype(5).itemsize
+    frame = np.arange(geometry.n_frames)
+    header = np.zeros(geometry.n_frames, detector.HEADER_DTYPE)
+    header["scan_number"], header["frame_number"] = 1, frame + 1
+    header["scan_width"], header["scan_height"] = geometry.width, geometry.height
+    header["x"], header["y"] = geometry.xy(frame // geometry.frames_per_position)
+    paths = []
+    for module in range(4):
+        for dst in range(n_dst):
+            mine = header[frame % n_dst == dst]
+            for f, start in enumerate(range(0, len(mine), frames_per_file)):
+                part = mine[start:start + frames_per_file].tobytes()
+                paths.append(folder / raw_filename(1, module, dst, f))
+                fd = os.open(paths[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                try:
+                    os.ftruncate(fd, len(part) // 16 * rec)
+                    for k in range(0, len(part), 16):
+                        os.pwrite(fd, part[k:k + 16], k // 16 * rec)
+                finally:
+                    os.close(fd)
+    return paths
 
 
 def bench_transport(cfg: Config, folder: Path, log) -> dict:
@@ -737,7 +799,7 @@ def versions() -> dict:
     return out
 
 
-STAGES = ("counting", "count_command", "transport", "write", "end_to_end", "scaling", "scale")
+STAGES = ("counting", "count_command", "index", "transport", "write", "end_to_end", "scaling", "scale")
 #: Stages run unless --stages says otherwise (scale takes minutes).
 DEFAULT_STAGES = STAGES[:-1]
 
@@ -754,6 +816,8 @@ def run(cfg: Config, stages=DEFAULT_STAGES, log=print) -> dict:
             record["stages"]["counting"] = bench_counting(cfg, log)
         if "count_command" in stages:
             record["stages"]["count_command"] = bench_count_command(cfg, folder, log)
+        if "index" in stages:
+            record["stages"]["index"] = bench_index(cfg, folder, log)
         if "transport" in stages:
             record["stages"]["transport"] = bench_transport(cfg, folder, log)
         if "write" in stages:
@@ -839,6 +903,14 @@ def table(record: dict) -> str:
             row(f"  from the disk, start-up etc. {k['cold_fixed_seconds']:.2f} s apart",
                 f"{_seconds(k['cold_counting_step_seconds']):.2f} s", "(the index has read a page of "
                 "each record: no ceiling)", "")
+    if "index" in st:
+        x = st["index"]
+        for n, r in x["ranks"].items():
+            row(f"index, {x['scan']} + flyback ({x['records']:,} records), {n} rank(s)",
+                f"{_seconds(r['shared_seconds']):.2f} s (each rank reading all: "
+                f"{_seconds(r['every_seconds']):.2f} s)",
+                f"its share of the header reads alone {_seconds(r['reads_seconds']):.2f} s",
+                bounded(r["ratio"]))
     if "transport" in st:
         t = st["transport"]
         row("transport 4 senders -> rank", f"{_rate(t['fourdstream_fps']):,.0f} frames/s "
@@ -1159,8 +1231,36 @@ def _receive(mode: str, *argv: str) -> None:
     main(list(argv))
 
 
+def _index_worker(folder: str, repeats: str) -> None:
+    """Index the raw scan in ``folder`` on every rank, three ways taking turns, ``repeats``
+    times: ``shared`` (what ``fourdstream count`` does: the ranks share the header reads,
+    each every N-th file's, and all get the index), ``reads`` (each rank's share of those
+    reads alone: the ceiling) and ``every`` (each rank indexing the whole scan alone).
+    Prints the slowest rank's seconds of each."""
+    from mpi4py import MPI
+
+    from .detector import record_dtype
+    from .rawfile import RawScan, _index_file, expand_paths
+
+    comm = MPI.COMM_WORLD
+    files = expand_paths([folder])
+    record = record_dtype(5).itemsize
+    ways = {"shared": lambda: RawScan(files, comm=comm),
+            "reads": lambda: [_index_file(files[i], record) for i in range(comm.rank, len(files), comm.size)],
+            "every": lambda: RawScan(files)}
+    runs = {way: [] for way in ways}
+    for _ in range(int(repeats)):
+        for way, fn in ways.items():
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fn()
+            runs[way].append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    if comm.rank == 0:
+        print(json.dumps(runs))
+
+
 WORKERS = {"_raw_push": _raw_push, "_write_worker": _write_worker, "_count_worker": _count_worker,
-           "_receive": _receive}
+           "_receive": _receive, "_index_worker": _index_worker}
 
 if __name__ == "__main__":
     WORKERS[sys.argv[1]](*sys.argv[2:])

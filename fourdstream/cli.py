@@ -971,7 +971,7 @@ def plan(config_file, bench_file):
               help="Flag figures worse than in this earlier record (exit status 3 if any).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="PNG of the scaling and per-stage rates (default: next to --json).")
-@click.option("--stages", default="counting,count_command,transport,write,end_to_end,scaling",
+@click.option("--stages", default="counting,count_command,index,transport,write,end_to_end,scaling",
               show_default=True,
               help="Comma-separated stages to run; add 'scale' for the production-size runs "
                    "(512x512 into 1, 2 and 4 ranks, and 4 ranks paced: about 10 minutes on "

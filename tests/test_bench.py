@@ -14,7 +14,8 @@ from fourdstream.cli import main
 
 TINY = bench.Config(repeats=1, kernel_repeats=2, count_frames=24, command_frames=64, stempy_frames=2, transport_frames=60,
                     write_events=50_000, write_ranks=(1, 2), stream_scan="6x6",
-                    stream_ranks=2, scaling_ranks=(1, 2), scale_scan="8x8", scale_ranks=(1, 2))
+                    stream_ranks=2, scaling_ranks=(1, 2), scale_scan="8x8", scale_ranks=(1, 2),
+                    index_scan="8x8", index_ranks=(1, 2))
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,13 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
     # The counting step is part of the command, which its file's timings come from.
     assert 0 < k["counting_step_seconds"]["max"] < k["ours_seconds"]["min"]
     assert k["counting_step_threads_speedup"] > 0
+    x = st["index"]
+    assert x["records"] == 4 * 9 * 8 and x["files"] == 16 and set(x["ranks"]) == {"1", "2"}
+    for n, r in x["ranks"].items():
+        for way in ("shared", "reads", "every"):
+            assert _is_stats(r[f"{way}_seconds"]), (n, way)
+        assert r["ratio"] == pytest.approx(r["reads_seconds"]["min"] / r["shared_seconds"]["min"])
+        assert f"index, 8x8 + flyback (288 records), {n} rank(s)" in bench.table(record)
     t = st["transport"]
     for key in ("raw_pyzmq_fps", "raw_pyzmq_gbps", "fourdstream_fps", "fourdstream_gbps", "curve_fps",
                 "curve_gbps"):
@@ -278,3 +286,20 @@ def test_the_command_line_default_stages_are_the_harness_defaults():
 
     stages = next(p for p in command.params if p.name == "stages").default
     assert tuple(stages.split(",")) == bench.DEFAULT_STAGES
+
+
+def test_header_only_files_index_as_the_scan_they_stand_for(tmp_path):
+    """The index stage's files: every frame of the geometry complete, at its position,
+    laid out as the raw writer lays out a scan, the payloads holes (no blocks)."""
+    from fourdstream.detector import ScanGeometry
+    from fourdstream.rawfile import RawScan
+
+    g = ScanGeometry.from_probe_grid(6, 5, flyback=True)
+    files = bench._header_only_scan(tmp_path / "raw", g, n_dst=2, frames_per_file=4)
+    assert len(files) == 4 * 2 * 5                       # 35 frames: 18 and 17 per dst, 5 files each
+    scan = RawScan([tmp_path / "raw"])
+    assert scan.geometry.shape == (5, 7) and len(scan) == g.n_frames == scan.n_complete
+    assert np.array_equal(scan.position, np.arange(g.n_frames))
+    assert np.array_equal(scan.frame_number, np.arange(1, g.n_frames + 1))
+    assert not scan.bad_records and scan.duplicates == 0
+    assert sum(f.stat().st_blocks for f in files) * 512 < sum(f.stat().st_size for f in files) / 10
