@@ -200,7 +200,8 @@ def _window_wins(typingctx, pixels, j, dark, gain_inv, low, high):
     reference's float64 compares say (``v > bg <=> v > low`` for a float32 ``v`` when
     ``low`` is the largest float32 <= ``bg``). The 3x3 window is read as three rows of
     4 pixels, columns ``col - 1`` to ``col + 2`` (the last not used), each row one
-    4-lane vector: 3 loads of each array instead of 9, and no branch.
+    4-lane vector: 3 loads of each array instead of 9, and no branch. It reads
+    ``j - 577`` to ``j + 578``: the caller keeps ``j + 578`` inside the frame.
     """
     if not (_is_pixels(pixels) and isinstance(j, types.Integer) and _is_floats(dark)
             and (_is_floats(gain_inv) or gain_inv == types.none)
@@ -330,7 +331,7 @@ def _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, x
         col = j - row * FRAME_COLS
         inside = 0 < row < FRAME_ROWS - 1 and 0 < col < FRAME_COLS - 1
         if dark is not None and scale is None:
-            if inside:
+            if inside and j + FRAME_COLS + 2 < FRAME_PIXELS:   # not pixel (574, 574): see _window_wins
                 if total < out.shape[0]:
                     out[total] = j
                 total += _window_wins(raw, j, dark, gain_inv, low, high)

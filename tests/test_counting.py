@@ -186,6 +186,40 @@ def test_gain_path_thresholds_compare_in_float64_one_ulp_either_side(Counter, ul
     assert len(ours) == {-1: 200, 0: 100, 1: 200}[ulps]     # the 10s and the 20s in or out
 
 
+def test_kernels_read_nothing_past_a_frame_that_ends_at_an_unreadable_page():
+    """A batch whose last frame ends where memory stops (the next page unreadable, as a
+    memory map of a file may end), with candidates at every pixel next to its edges, in
+    its last row and column and at (574, 574): every kernel path reads only the frame. In a
+    process of its own, so that a fault fails this test instead of ending the suite."""
+    code = """if True:
+        import ctypes, mmap
+        import numpy as np
+        from fourdstream.compiled import CompiledCounter
+        from fourdstream.counting import ElectronCounter, Thresholds
+        size = 576 * 576 * 2                          # 162 pages exactly
+        memory = mmap.mmap(-1, size + mmap.PAGESIZE)
+        start = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.mprotect(ctypes.c_void_p(start + size), mmap.PAGESIZE, 0) == 0   # PROT_NONE
+        frames = np.frombuffer(memory, np.uint16, 576 * 576).reshape(1, 576, 576)
+        frames[0, 573:, :] = np.arange(3 * 576).reshape(3, 576) % 7 * 20
+        frames[0, :, 573:] = np.arange(3 * 576).reshape(576, 3) % 5 * 30
+        frames[0, 574, 574] = 200
+        dark = np.full((576, 576), 0.5, np.float32)
+        gain = np.full((576, 576), 1.1, np.float32)
+        for args, kw in [((), {}), ((dark,), {}), ((dark, gain), {}), ((None, gain), {}),
+                         ((), {"row_dark": "mean"})]:
+            ours = CompiledCounter(Thresholds(10.5, 1000.0), *args, **kw).count(frames)
+            ref = ElectronCounter(Thresholds(10.5, 1000.0), *args, **kw).count(frames)
+            assert np.array_equal(ours[0], ref[0]) and len(ours[0]) > 100, args
+        print("read only the frame")
+    """
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "read only the frame" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_gain_candidate_floor_is_the_least_raw_value_that_passes():
     """With a gain the candidate floor is exact: the least raw value whose float32 value
     passes bg (65535 where none does), found against every raw value; 0 for a gain the
