@@ -223,8 +223,8 @@ class RawScan:
         self._fds: dict[int, int] = {}    # file id -> descriptor, opened when first read
         headers, file_ids = [], []
         rec_size = self._rec_dtype.itemsize
-        for i, (path, (file_headers, tail)) in enumerate(zip(self.files, _index_files(self.files, rec_size,
-                                                                                         comm))):
+        indexed = _index_files(self.files, rec_size, comm)
+        for i, (path, (file_headers, tail)) in enumerate(zip(self.files, indexed)):
             n = len(file_headers)
             if tail:
                 self.bad_records.append(BadRecord(
