@@ -90,10 +90,6 @@ class Config:
     #: Repeats of the counting kernels' figures, at least: a call takes milliseconds, and
     #: the best of a few is at the mercy of a shared machine's noise.
     kernel_repeats: int = 10
-    #: Rounds of the end-to-end run and its ceilings, at least: they differ by a few
-    #: percent (the transport-alone ceiling skips the counting, a few percent of a
-    #: rank's work), which a shared machine's noise inverts in the best of 3.
-    stream_repeats: int = 5
     count_frames: int = 256
     command_frames: int = 8192
     stempy_frames: int = 8
@@ -605,8 +601,7 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
         live, out["live_fps"], out["live_cost"], out["live_missing"] = (), None, None, str(exc)
     modes = ("full", "transport", *live) if ceilings else ("full",)
     runs = {mode: [] for mode in modes}
-    out["repeats"] = max(cfg.repeats, cfg.stream_repeats) if ceilings else cfg.repeats
-    for i in range(out["repeats"] + 1):    # interleaved, so drift hits every mode alike
+    for i in range(cfg.repeats + 1):       # interleaved, so drift hits every mode alike
         for mode in modes:
             runs[mode].append(_stream_once(cfg.stream_scan, ranks, mode, folder / f"{mode}{ranks}_{i}"))
     for mode in modes:
@@ -974,12 +969,10 @@ def table(record: dict) -> str:
     lines = [f"{'stage':<{widths[0]}}  {'rate (best)':<{widths[1]}}  {'ceiling (best)':<{widths[2]}}  ratio"]
     lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows]
     m = record["machine"]
-    more = [f"{name}: best of {st[stage]['repeats']}" for stage, name in
-            (("counting", "the counting kernels"), ("end_to_end", "the end-to-end run and its ceilings"))
-            if st.get(stage, {}).get("repeats")]
+    kernels = st.get("counting", {}).get("repeats")
     lines.append(f"machine: {m['hostname']}, {m['cpu_count']} CPUs ({m['cpu']}); "
                  f"best of {record['parameters']['repeats']} repeats after a warm-up"
-                 + (f" ({'; '.join(more)})" if more else ""))
+                 + (f" (the counting kernels: best of {kernels})" if kernels else ""))
     sz = record.get("sizing", {})
     if sz.get("stages"):
         lines.append(f"sizing for {sz['frame_rate_fps']:,.0f} frames/s ({sz['gbit_per_s']:.0f} Gbit/s), "

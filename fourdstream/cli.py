@@ -977,8 +977,7 @@ def plan(config_file, bench_file):
                    "(512x512 into 1, 2 and 4 ranks, and 4 ranks paced: about 10 minutes on "
                    "2 cores).")
 @click.option("--repeats", type=int, default=None, help="Repeats per figure (after one warm-up); the counting kernels' "
-              "figures take at least 10 (a call takes milliseconds), the end-to-end run and its "
-              "ceilings at least 5 (they differ by a few percent).")
+              "figures take at least 10 (a call takes milliseconds).")
 @click.option("--cores-per-node", type=int, default=128, show_default=True,
               help="For the sizing: cores per node (128 on a Perlmutter CPU node).")
 @click.option("--network-gbit-per-node", type=float, default=200.0, show_default=True,
