@@ -38,7 +38,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from . import detector
-from .collective import agree
+from .collective import agree, on_root
 from .detector import COMPLETE_MASK, FRAME_SHAPE, N_SECTORS, ScanGeometry
 
 FILENAME_TEMPLATE = "data_scan{scan:010d}_module{module}_dst{dst}_file{file}.data"
@@ -201,8 +201,8 @@ class RawScan:
         used; give it to validate against a known scan or to set
         ``frames_per_position`` / ``flyback``.
     comm : MPI communicator, optional
-        Collective over its ranks: they share the reading of the headers
-        (:func:`_index_files`) and all get the same index.
+        Collective over its ranks: rank 0 lists the files, the ranks share the reading
+        of their headers (:func:`_index_files`), and all get the same index.
 
     Attributes
     ----------
@@ -216,7 +216,10 @@ class RawScan:
                  scan_number: int | None = None, geometry: ScanGeometry | None = None, comm=None):
         self.version = version
         self._rec_dtype = detector.record_dtype(version)
-        self.files = expand_paths(paths)
+        # One list for every rank, rank 0's: a rank that saw a folder at another moment
+        # (a file appearing) would take another file for the same index.
+        self.files = (expand_paths(paths) if comm is None or comm.size == 1
+                      else on_root(comm, lambda: expand_paths(paths)))
         self.bad_records: list[BadRecord] = []
         self.duplicates = 0
         modules = [module_from_filename(f) for f in self.files]

@@ -267,10 +267,12 @@ def test_no_files_and_empty_folders_are_clear_errors(tmp_path):
         RawScan([tmp_path])
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_ranks_share_the_index_reads_and_all_get_the_whole_index(scan_copy, ranks):
+@pytest.mark.parametrize("ranks,mode", [(2, "share"), (3, "share"), (3, "unlike")])
+def test_ranks_share_the_index_reads_and_all_get_the_whole_index(scan_copy, ranks, mode):
     """Each rank reads the headers of every N-th file (so the reads do not grow with the
-    ranks) and every rank ends with the index one process builds, bad records included."""
+    ranks) and every rank ends with the index one process builds, bad records included;
+    also where a rank would list the folder otherwise ("unlike": a file fewer), since
+    every rank takes rank 0's list."""
     folder, _ = scan_copy
     _patch_header(_files(folder, 2)[1], 3, scan_number=99)            # a bad record
     with open(_files(folder, 0)[-1], "ab") as f:                     # a truncated record
@@ -280,7 +282,7 @@ def test_ranks_share_the_index_reads_and_all_get_the_whole_index(scan_copy, rank
     digest = hashlib.sha256()
     for a in (alone.frame_number, alone.position, alone.mask, alone._loc):
         digest.update(np.ascontiguousarray(a).tobytes())
-    results = run_mpi(ranks, "mpi_index.py", str(folder), "share")
+    results = run_mpi(ranks, "mpi_index.py", str(folder), mode)
     names = sorted(p.name for p in alone.files)
     assert sorted(n for r in results for n in r["read"]) == names       # each file read once
     for r in results:
