@@ -89,12 +89,12 @@ def _block(context, builder, array_type, array, start, lanes=BLOCK):
                         align=array_type.dtype.bitwidth // 8)
 
 
-def _broadcast(builder, value):
-    """The uint16 ``value`` in all 64 lanes of a vector."""
-    vector = ir.VectorType(ir.IntType(16), BLOCK)
+def _broadcast(builder, value, lanes=BLOCK):
+    """``value`` (an LLVM scalar) in all ``lanes`` lanes of a vector (default 64)."""
+    vector = ir.VectorType(value.type, lanes)
     one = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(one, ir.Constant(vector, None),
-                                  ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), [0] * BLOCK))
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
 @intrinsic
@@ -213,11 +213,7 @@ def _window_wins(typingctx, pixels, j, dark, gain_inv, low, high):
         i32, f32 = ir.IntType(32), ir.FloatType()
         f4 = ir.VectorType(f32, 4)
         zero = ir.Constant(f4, None)
-
-        def broadcast(x):
-            one = builder.insert_element(zero, x, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, zero, ir.Constant(ir.VectorType(i32, 4), [0] * 4))
-        low4, high4 = broadcast(lowest), broadcast(highest)
+        low4, high4 = _broadcast(builder, lowest, 4), _broadcast(builder, highest, 4)
 
         def values(shift):      # the row ``shift`` pixels from j: columns col - 1 .. col + 2
             p = builder.add(at, ir.Constant(at.type, shift - 1))
