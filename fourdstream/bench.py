@@ -445,28 +445,25 @@ def _header_only_scan(folder: Path, geometry, n_dst: int = 4, frames_per_file: i
     lays them out (frame k + 1 at position k, in file ``k % n_dst`` of its module), holding
     the records' headers and nothing else: the payloads are holes, so the index of a
     production-size scan (174 GB of frames) takes a 4 kB block a record."""
-    from . import detector
-    from .rawfile import raw_filename
+    from .detector import record_dtype
+    from .rawfile import raw_filename, record_headers
 
     folder.mkdir()
-    rec = detector.record_dtype(5).itemsize
+    rec = record_dtype(5).itemsize
     frame = np.arange(geometry.n_frames)
-    header = np.zeros(geometry.n_frames, detector.HEADER_DTYPE)
-    header["scan_number"], header["frame_number"] = 1, frame + 1
-    header["scan_width"], header["scan_height"] = geometry.width, geometry.height
-    header["x"], header["y"] = geometry.xy(frame // geometry.frames_per_position)
+    header = record_headers(1, geometry, frame + 1, frame // geometry.frames_per_position)
     paths = []
     for module in range(4):
         for dst in range(n_dst):
             mine = header[frame % n_dst == dst]
             for f, start in enumerate(range(0, len(mine), frames_per_file)):
-                part = mine[start:start + frames_per_file].tobytes()
+                part = mine[start:start + frames_per_file]
                 paths.append(folder / raw_filename(1, module, dst, f))
                 fd = os.open(paths[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL)
                 try:
-                    os.ftruncate(fd, len(part) // 16 * rec)
-                    for k in range(0, len(part), 16):
-                        os.pwrite(fd, part[k:k + 16], k // 16 * rec)
+                    os.ftruncate(fd, len(part) * rec)
+                    for k, one in enumerate(part):
+                        os.pwrite(fd, one.tobytes(), k * rec)
                 finally:
                     os.close(fd)
     return paths
@@ -1240,13 +1237,13 @@ def _index_worker(folder: str, repeats: str) -> None:
     from mpi4py import MPI
 
     from .detector import record_dtype
-    from .rawfile import RawScan, _index_file, expand_paths
+    from .rawfile import RawScan, _index_file, _share, expand_paths
 
     comm = MPI.COMM_WORLD
     files = expand_paths([folder])
     record = record_dtype(5).itemsize
     ways = {"shared": lambda: RawScan(files, comm=comm),
-            "reads": lambda: [_index_file(files[i], record) for i in range(comm.rank, len(files), comm.size)],
+            "reads": lambda: [_index_file(files[i], record) for i in _share(len(files), comm)],
             "every": lambda: RawScan(files)}
     runs = {way: [] for way in ways}
     for _ in range(int(repeats)):

@@ -109,6 +109,16 @@ def module_from_filename(path: str | os.PathLike) -> int:
     return module
 
 
+def record_headers(scan_number: int, geometry: ScanGeometry, frame_number, position) -> np.ndarray:
+    """The record headers (:data:`~fourdstream.detector.HEADER_DTYPE`) of the frames
+    ``frame_number`` at the positions ``position`` of scan ``scan_number``."""
+    header = np.zeros(len(frame_number), detector.HEADER_DTYPE)
+    header["scan_number"], header["frame_number"] = scan_number, frame_number
+    header["scan_width"], header["scan_height"] = geometry.width, geometry.height
+    header["x"], header["y"] = geometry.xy(position)
+    return header
+
+
 def _record_runs(file_id: np.ndarray, record: np.ndarray) -> list[np.ndarray]:
     """The indices of the present sectors (``file_id >= 0``), in runs of consecutive
     records of one file, ordered by file and record: each run is read with one system
@@ -189,18 +199,26 @@ def _index_file(path: Path, record_size: int) -> tuple[np.ndarray, int]:
     return _read_headers(path, size // record_size, record_size), size % record_size
 
 
-def _index_files(paths: Sequence[Path], record_size: int, comm=None) -> list:
-    """:func:`_index_file` of each of ``paths``, in their order. With an MPI ``comm`` of
-    several ranks, rank r reads the files r, r + N, r + 2N, ... and every rank gets the
-    headers of all (an error reading any is raised on every rank)."""
+def _share(n_files: int, comm) -> range:
+    """The files whose headers this rank of ``comm`` reads: r, r + N, r + 2N, ..."""
+    return range(comm.rank, n_files, comm.size)
+
+
+def _index_files(paths: Iterable[str | os.PathLike], record_size: int, comm=None) -> tuple[list, list]:
+    """The files ``paths`` name (:func:`expand_paths`) and :func:`_index_file` of each, in
+    their order. With an MPI ``comm`` of several ranks, rank 0 lists the files (one list for
+    every rank: a rank that listed a folder at another moment, a file appearing, would take
+    another file for the same index), each rank reads its :func:`_share` of them, and every
+    rank gets the headers of all (an error reading any is raised on every rank)."""
     if comm is None or comm.size == 1:
-        return [_index_file(path, record_size) for path in paths]
-    mine = agree(comm, lambda: {i: _index_file(paths[i], record_size)
-                                for i in range(comm.rank, len(paths), comm.size)})
+        files = expand_paths(paths)
+        return files, [_index_file(path, record_size) for path in files]
+    files = on_root(comm, lambda: expand_paths(paths))
+    mine = agree(comm, lambda: {i: _index_file(files[i], record_size) for i in _share(len(files), comm)})
     indexed = {}
     for part in comm.allgather(mine):
         indexed.update(part)
-    return [indexed[i] for i in range(len(paths))]
+    return files, [indexed[i] for i in range(len(files))]
 
 
 class RawScan:
@@ -234,17 +252,13 @@ class RawScan:
                  scan_number: int | None = None, geometry: ScanGeometry | None = None, comm=None):
         self.version = version
         self._rec_dtype = detector.record_dtype(version)
-        # One list for every rank, rank 0's: a rank that saw a folder at another moment
-        # (a file appearing) would take another file for the same index.
-        self.files = (expand_paths(paths) if comm is None or comm.size == 1
-                      else on_root(comm, lambda: expand_paths(paths)))
+        rec_size = self._rec_dtype.itemsize
+        self.files, indexed = _index_files(paths, rec_size, comm)
         self.bad_records: list[BadRecord] = []
         self.duplicates = 0
         modules = [module_from_filename(f) for f in self.files]
         self._fds: dict[int, int] = {}    # file id -> descriptor, opened when first read
         headers, file_ids = [], []
-        rec_size = self._rec_dtype.itemsize
-        indexed = _index_files(self.files, rec_size, comm)
         for i, (path, (file_headers, tail)) in enumerate(zip(self.files, indexed)):
             n = len(file_headers)
             if tail:
@@ -481,12 +495,7 @@ class RawScanWriter:
 
     def write(self, frames: np.ndarray, frame_number: np.ndarray, position: np.ndarray) -> None:
         """Append frames ``(n, 576, 576)`` with their frame numbers and positions."""
-        x, y = self.geometry.xy(position)
-        header = np.zeros(len(frames), detector.HEADER_DTYPE)
-        header["scan_number"] = self.scan_number
-        header["frame_number"] = frame_number
-        header["scan_width"], header["scan_height"] = self.geometry.width, self.geometry.height
-        header["x"], header["y"] = x, y
+        header = record_headers(self.scan_number, self.geometry, frame_number, position)
         sectors = detector.split_sectors(frames, self.version)
         records = np.empty(len(frames), self._rec_dtype)
         records["header"] = header
