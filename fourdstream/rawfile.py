@@ -132,7 +132,8 @@ def _record_runs(file_id: np.ndarray, record: np.ndarray) -> list[np.ndarray]:
 
 
 def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named directly plus the ``*.data`` files of named folders, sorted."""
+    """Files named directly plus the ``*.data`` files of named folders, sorted; a file
+    whose name gives no module (:func:`module_from_filename`) is an error."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -146,6 +147,8 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
             raise RawFormatError(f"{p}: no such file or folder")
     if not files:
         raise RawFormatError("no raw files given")
+    for f in files:           # before anything is read: every raw file names its sector
+        module_from_filename(f)
     return files
 
 

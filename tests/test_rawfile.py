@@ -228,9 +228,13 @@ def test_sector_disagreeing_on_position_is_a_bad_record(scan_copy):
     assert "disagrees" in bad.reason and scan.n_incomplete == 1
 
 
-def test_file_without_module_number_is_a_clear_error(scan_copy):
+def test_file_without_module_number_is_a_clear_error(scan_copy, monkeypatch):
+    """Before any header is read."""
+    from fourdstream import rawfile
+
     folder, _ = scan_copy
     shutil.copy(_files(folder, 0)[0], folder / "mystery.data")
+    monkeypatch.setattr(rawfile, "_read_headers", lambda *a: pytest.fail("headers read first"))
     with pytest.raises(RawFormatError, match="no module number in the file name"):
         RawScan([folder])
 
