@@ -25,10 +25,13 @@ Stages and their ceilings (each measured in the same run, right next to the stag
   writing the same bytes raw (each its contiguous share with ``pwrite``, into a new
   file in the same folder, without fsync as HDF5's close);
 * **end to end**: a streamed scan, first sector sent -> file closed, vs the lower
-  of two ceilings run with the same processes (4 senders, R ranks): the
-  transport alone (ranks receive and assemble but do not count) and the
-  counting alone (R ranks counting frames already in memory); plus the latency
-  from the last frame sent to the file closed;
+  of two ceilings: raw pyzmq carrying the same messages with the same processes
+  (4 senders routing each sector to its rank, R receiving processes doing nothing
+  else) and the counting alone (R ranks counting frames already in memory); plus
+  the latency from the last frame sent to the file closed, and what counting
+  costs the stream (against the same run with the ranks receiving and assembling
+  but not counting; not a ceiling: the full run measured 0.95-1.05 of it on 2
+  shared cores, where counting is a few percent of the work, less than the noise);
 * **scaling**: end to end and counting alone with 1, 2, 4 ranks, and the rank
   concurrency: the fraction of the scan's duration during which every rank
   had frames in flight (from the ranks' per-0.1-s activity);
@@ -585,9 +588,10 @@ def bench_write(cfg: Config, folder: Path, log) -> dict:
 
 
 def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) -> dict:
-    """End to end with ``ranks`` ranks; with ``ceilings``, also transport and counting alone,
-    and the full run with the live view on (``--live``) where its packages are installed
-    (else ``live_fps`` and ``live_cost`` are None)."""
+    """End to end with ``ranks`` ranks; with ``ceilings``, also raw pyzmq with the same
+    processes (:func:`_raw_stream_once`), the counting alone, the transport alone (the
+    ranks do not count), and the full run with the live view on (``--live``) where its
+    packages are installed (else ``live_fps`` and ``live_cost`` are None)."""
     from .liveserver import require
 
     out = {"ranks": ranks, "scan": cfg.stream_scan}
@@ -596,11 +600,12 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
         live = ("live",)
     except RuntimeError as exc:
         live, out["live_fps"], out["live_cost"], out["live_missing"] = (), None, None, str(exc)
-    modes = ("full", "transport", *live) if ceilings else ("full",)
+    modes = ("full", "transport", "raw_pyzmq", *live) if ceilings else ("full",)
     runs = {mode: [] for mode in modes}
     for i in range(cfg.repeats + 1):       # interleaved, so drift hits every mode alike
         for mode in modes:
-            runs[mode].append(_stream_once(cfg.stream_scan, ranks, mode, folder / f"{mode}{ranks}_{i}"))
+            runs[mode].append(_raw_stream_once(cfg.stream_scan, ranks) if mode == "raw_pyzmq" else
+                              _stream_once(cfg.stream_scan, ranks, mode, folder / f"{mode}{ranks}_{i}"))
     for mode in modes:
         done = runs[mode][1:]              # the first round is the warm-up
         out[f"{mode}_fps"] = _stats(r["frames"] / r["seconds"] for r in done)
@@ -618,7 +623,8 @@ def bench_stream(cfg: Config, ranks: int, folder: Path, log, *, ceilings: bool) 
     if ceilings:
         if live:
             out["live_cost"] = 1 - _rate(out["live_fps"]) / _rate(out["full_fps"])
-        ceiling = min(_rate(out["transport_fps"]), _rate(out["counting_alone_fps"]))
+        out["counting_cost"] = 1 - _rate(out["full_fps"]) / _rate(out["transport_fps"])
+        ceiling = min(_rate(out["raw_pyzmq_fps"]), _rate(out["counting_alone_fps"]))
         out["ceiling_fps"] = ceiling
         out["ratio"] = _rate(out["full_fps"]) / ceiling
     return out
@@ -929,9 +935,11 @@ def table(record: dict) -> str:
     if "end_to_end" in st:
         e = st["end_to_end"]
         row(f"end to end, {e['ranks']} ranks, {e['scan']}", f"{_rate(e['full_fps']):,.0f} frames/s",
-            f"min(transport {_rate(e['transport_fps']):,.0f}, counting {_rate(e['counting_alone_fps']):,.0f})",
-            bounded(e['ratio']))
+            f"min(raw pyzmq, same processes {_rate(e['raw_pyzmq_fps']):,.0f}, "
+            f"counting alone {_rate(e['counting_alone_fps']):,.0f})", bounded(e['ratio']))
         row("latency: last frame sent -> file closed", f"{_seconds(e['latency_seconds']):.2f} s", "", "")
+        row("  the transport alone (ranks receive, do not count)", f"{_rate(e['transport_fps']):,.0f} frames/s",
+            f"counting too {_rate(e['full_fps']):,.0f} frames/s", f"cost {e['counting_cost']:.0%}")
         if e.get("live_fps"):
             row("  with the live view (--live)", f"{_rate(e['live_fps']):,.0f} frames/s",
                 f"without {_rate(e['full_fps']):,.0f} frames/s", f"cost {e['live_cost']:.0%}")
@@ -1088,6 +1096,102 @@ def _raw_push(url: str, n: str) -> None:
         s.send(payload, copy=False)
     s.close(linger=60000)
     ctx.term()
+
+
+def _raw_stream_once(scan: str, ranks: int, timeout: float = 300) -> dict:
+    """The end-to-end stage's loopback-ZeroMQ ceiling: a ``scan`` (+ flyback) streamed by
+    raw pyzmq with the processes and sockets of a streamed scan, and nothing else. 4
+    sender processes send each frame's sector as a message of the same parts and bytes
+    (a sector header, a 165,888-byte payload) to the rank that owns its position
+    (:func:`~fourdstream.route.owner`), ``ranks`` processes receive them on 4 sockets
+    each and do nothing with them. Returns ``frames`` and ``seconds`` from the first
+    sector sent to the last received."""
+    from .detector import ScanGeometry, parse_scan_size
+    from .route import owner
+
+    geometry = ScanGeometry.from_probe_grid(*parse_scan_size(scan), flyback=True)
+    n = geometry.n_frames
+    base = free_port_block(4 * ranks)
+    expected = np.bincount(owner(np.arange(n) // geometry.frames_per_position, ranks), minlength=ranks)
+    receivers = [subprocess.Popen(_python("_raw_pull", base + 4 * r, 4 * expected[r], timeout),
+                                  stdout=subprocess.PIPE, text=True) for r in range(ranks)]
+    senders = []
+    try:
+        for proc in receivers:       # bound
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("benchmark raw receiver failed to start")
+        start_at = time.time() + 1.5       # they import numpy and pyzmq alone: 0.2 s here
+        senders = [subprocess.Popen(_python("_raw_route", base + m, ranks, geometry.frames_per_position, n,
+                                            start_at), stdout=subprocess.PIPE, text=True)
+                   for m in range(4)]
+        printed = [p.communicate(timeout=timeout)[0] for p in senders + receivers]
+    finally:
+        for proc in senders + receivers:
+            if proc.poll() is None:
+                proc.kill()
+    if any(p.returncode for p in senders + receivers):
+        raise RuntimeError("benchmark raw stream failed: a sender or receiver exited with an error")
+    first, last = min(map(float, printed[:4])), max(map(float, printed[4:]))
+    return {"frames": n, "seconds": last - first}
+
+
+def _raw_route(port: str, ranks: str, frames_per_position: str, n: str, start_at: str) -> None:
+    """One raw sender of :func:`_raw_stream_once` (module ``port - base``): frame k's
+    sector to rank ``owner(k // frames_per_position)``'s socket at port
+    ``base + 4 rank + module``; prints when it sent the first."""
+    import zmq
+
+    from . import wire
+    from .route import owner
+
+    port, ranks = int(port), int(ranks)
+    ctx = zmq.Context()
+    sockets = []
+    for r in range(ranks):
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.SNDHWM, 1000)
+        s.connect(f"tcp://127.0.0.1:{port + 4 * r}")
+        sockets.append(s)
+    rank = owner(np.arange(int(n)) // int(frames_per_position), ranks).tolist()
+    header = wire.encode_header(1, 1, 1, 1, 0, 0, 0)
+    payload = np.zeros(SECTOR_BYTES, np.uint8)
+    time.sleep(max(float(start_at) - time.time(), 0))
+    first = time.time()
+    for r in rank:
+        sockets[r].send_multipart([header, payload], copy=False)
+    print(first)
+    for s in sockets:
+        s.close(linger=60000)
+    ctx.term()
+
+
+def _raw_pull(port: str, expected: str, timeout: str) -> None:
+    """One raw receiver of :func:`_raw_stream_once`: binds 4 PULL sockets at ``port`` + 0..3,
+    prints ``ready``, takes ``expected`` messages and prints when it took the last."""
+    import zmq
+
+    ctx = zmq.Context()
+    poller = zmq.Poller()
+    for m in range(4):
+        s = ctx.socket(zmq.PULL)
+        s.setsockopt(zmq.RCVHWM, 1000)
+        s.bind(f"tcp://127.0.0.1:{int(port) + m}")
+        poller.register(s, zmq.POLLIN)
+    print("ready", flush=True)
+    left, deadline, last = int(expected), time.monotonic() + float(timeout), None
+    while left and time.monotonic() < deadline:
+        for s in dict(poller.poll(100)):
+            while left:
+                try:
+                    s.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                left -= 1
+                last = time.time()
+    if left:
+        sys.exit(f"raw receiver: {left} of {expected} messages did not arrive")
+    print(last)
+    ctx.destroy(linger=0)
 
 
 def _write_worker(path: str, events: str, repeats: str) -> None:
@@ -1256,8 +1360,9 @@ def _index_worker(folder: str, repeats: str) -> None:
         print(json.dumps(runs))
 
 
-WORKERS = {"_raw_push": _raw_push, "_write_worker": _write_worker, "_count_worker": _count_worker,
-           "_receive": _receive, "_index_worker": _index_worker}
+WORKERS = {"_raw_push": _raw_push, "_raw_route": _raw_route, "_raw_pull": _raw_pull,
+           "_write_worker": _write_worker, "_count_worker": _count_worker, "_receive": _receive,
+           "_index_worker": _index_worker}
 
 if __name__ == "__main__":
     WORKERS[sys.argv[1]](*sys.argv[2:])

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from fourdstream import bench
 from fourdstream.cli import main
+from fourdstream.detector import ScanGeometry
 
 TINY = bench.Config(repeats=1, kernel_repeats=2, count_frames=24, command_frames=64, stempy_frames=2, transport_frames=60,
                     write_events=50_000, write_ranks=(1, 2), stream_scan="6x6",
@@ -82,9 +83,10 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
         assert _is_stats(r["stempy_view_seconds"]) and r["ratio"] > 0
         assert _is_stats(r["slabs_seconds"]) and _is_stats(r["interleaved_seconds"])
     e = st["end_to_end"]
-    for key in ("full_fps", "transport_fps", "counting_alone_fps", "latency_seconds", "live_fps"):
+    for key in ("full_fps", "transport_fps", "raw_pyzmq_fps", "counting_alone_fps", "latency_seconds",
+                "live_fps"):
         assert _is_stats(e[key]), key
-    assert e["live_cost"] < 1
+    assert e["live_cost"] < 1 and e["counting_cost"] < 1
     assert e["frames"] == 42 and e["complete"] == 42 and e["ratio"] > 0
     assert set(st["scaling"]["ranks"]) == {"1", "2"}
     for r in st["scaling"]["ranks"].values():
@@ -215,9 +217,21 @@ def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
     for r in st["write"]["ranks"].values():
         assert r["ratio"] == pytest.approx(r["collective_gbps"]["max"] / r["raw_write_gbps"]["max"])
     e = st["end_to_end"]
-    assert e["ratio"] == pytest.approx(e["full_fps"]["max"] / min(e["transport_fps"]["max"],
+    # Its ceiling: raw pyzmq with the same processes, or the counting alone; the transport
+    # alone (the ranks not counting) only says what the counting costs.
+    assert e["ratio"] == pytest.approx(e["full_fps"]["max"] / min(e["raw_pyzmq_fps"]["max"],
                                                                   e["counting_alone_fps"]["max"]))
+    assert e["counting_cost"] == pytest.approx(1 - e["full_fps"]["max"] / e["transport_fps"]["max"])
+    assert f"min(raw pyzmq, same processes {e['raw_pyzmq_fps']['max']:,.0f}, " in bench.table(record)
     assert f"{t['fourdstream_fps']['max']:,.0f} frames/s" in bench.table(record)
+
+
+def test_end_to_end_ceiling_carries_every_sector_to_the_rank_that_owns_it():
+    """The raw pyzmq ceiling sends each sector where a streamed scan's senders do: every
+    receiver takes exactly its ranks' share (by the routing rule) within the time, or it fails."""
+    run = bench._raw_stream_once("7x5", 3, timeout=30)      # 8 x 5 frames, flyback included
+    assert run["frames"] == ScanGeometry.from_probe_grid(7, 5, flyback=True).n_frames == 40
+    assert 0 < run["seconds"] < 30
 
 
 @pytest.mark.parametrize("ratio, flagged", [(1.56, True), (0.98, False)])

@@ -210,6 +210,7 @@ def test_stream_sbatch_restarts_the_receiver_in_the_allocation_when_a_rank_dies(
         _check_exact(f, ranks=2)
 
 
+@pytest.mark.timeout(600)    # the whole quick harness, one repeat: 4-5 minutes here
 def test_bench_sbatch_quick_reports_every_stage_with_ranks_started_by_srun(cluster, tmp_path):
     """The harness inside an allocation starts its MPI jobs with srun (FOURDSTREAM_MPIEXEC
     from the script, with the plugin chosen for mpi4py's MPI)."""
