@@ -1124,13 +1124,16 @@ def _raw_stream_once(scan: str, ranks: int, timeout: float = 300) -> dict:
         senders = [subprocess.Popen(_python("_raw_route", base + m, ranks, geometry.frames_per_position, n,
                                             start_at), stdout=subprocess.PIPE, text=True)
                    for m in range(4)]
-        printed = [p.communicate(timeout=timeout)[0] for p in senders + receivers]
+        printed = []
+        for proc in senders + receivers:     # a failed sender ends it at once (finally)
+            printed.append(proc.communicate(timeout=timeout)[0])
+            if proc.returncode:
+                raise RuntimeError(f"benchmark raw stream failed: {proc.args[3]} exited with "
+                                   f"status {proc.returncode}")
     finally:
         for proc in senders + receivers:
             if proc.poll() is None:
                 proc.kill()
-    if any(p.returncode for p in senders + receivers):
-        raise RuntimeError("benchmark raw stream failed: a sender or receiver exited with an error")
     first, last = min(map(float, printed[:4])), max(map(float, printed[4:]))
     return {"frames": n, "seconds": last - first}
 

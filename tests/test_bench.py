@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -232,6 +233,17 @@ def test_end_to_end_ceiling_carries_every_sector_to_the_rank_that_owns_it():
     run = bench._raw_stream_once("7x5", 3, timeout=30)      # 8 x 5 frames, flyback included
     assert run["frames"] == ScanGeometry.from_probe_grid(7, 5, flyback=True).n_frames == 40
     assert 0 < run["seconds"] < 30
+
+
+def test_end_to_end_ceiling_stops_at_once_when_a_sender_fails(monkeypatch):
+    """A raw sender that fails is an error at once, not a wait for the receivers' timeout."""
+    python = bench._python
+    monkeypatch.setattr(bench, "_python", lambda worker, *args: python(worker, *args) if worker != "_raw_route"
+                        else python(worker, "not-a-port"))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="_raw_route exited with status 1"):
+        bench._raw_stream_once("7x5", 2, timeout=120)
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.parametrize("ratio, flagged", [(1.56, True), (0.98, False)])
