@@ -229,8 +229,9 @@ def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
 
 def test_end_to_end_ceiling_carries_every_sector_to_the_rank_that_owns_it():
     """The raw pyzmq ceiling sends each sector where a streamed scan's senders do: every
-    receiver takes exactly its ranks' share (by the routing rule) within the time, or it fails."""
-    run = bench._raw_stream_once("7x5", 3, timeout=30)      # 8 x 5 frames, flyback included
+    receiver takes exactly its rank's share (by the routing rule) within the time, or it
+    fails. 40 frames in chunks of 16 positions on 4 ranks: 16, 16, 8 and none."""
+    run = bench._raw_stream_once("7x5", 4, timeout=30)      # 8 x 5 frames, flyback included
     assert run["frames"] == ScanGeometry.from_probe_grid(7, 5, flyback=True).n_frames == 40
     assert 0 < run["seconds"] < 30
 
