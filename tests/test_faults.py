@@ -99,9 +99,12 @@ def test_sender_killed_with_sigkill_mid_scan(stream_session):
     _clean(s, modules=[m for m in range(4) if m != FAULTY])
     victim = subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--module", str(FAULTY),
                                "--endpoints-file", str(s.endpoints), "--simulate", SCAN, "--seed",
-                               str(SEED), "--pool-frames", "0", "--rate", "40"],
+                               str(SEED), "--pool-frames", "0", "--rate", "20"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(3.0)                            # about a third of the scan is out
+    # Killed 3 s after its start: its N frames take 5.2 s at 20 frames/s, after a start-up
+    # of 0.3-2 s here, so 20-55 of them are out (at 40 frames/s a quick start-up let it
+    # finish, and send its end, just before the kill).
+    time.sleep(3.0)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     s.wait(senders_only=True)
