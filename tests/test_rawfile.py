@@ -313,4 +313,3 @@ def test_a_rank_failing_to_read_its_headers_is_the_same_error_on_every_rank(scan
     results = run_mpi(3, "mpi_index.py", str(folder), "fail", timeout=60)
     assert len({r["error"] for r in results}) == 1
     assert results[0]["error"].startswith("rank 1: RawFormatError: ") and "cannot be read here" in results[0]["error"]
-
