@@ -152,6 +152,22 @@ def test_dark_whose_floor_leaves_uint16_matches_dense_reference(Counter, dark_ra
         assert np.array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("dark_range,table", [((0, 25), np.uint8), ((200, 900), np.uint16)],
+                         ids=["floors-in-a-byte", "floors-past-a-byte"])
+def test_integer_path_reads_a_floor_table_of_bytes_or_of_uint16(dark_range, table):
+    """The compiled kernel's integer path reads each pixel's floor - 1 from a table of
+    bytes where every floor is <= 256, else of uint16: both give the dense reference's
+    events, on frames with events and plateaus at the dark's level and well above it."""
+    rng = np.random.default_rng(13)
+    dark = rng.uniform(*dark_range, (576, 576)).astype(np.float32)
+    frames = (np.trunc(dark) + rng.poisson(4, (3, 576, 576))).astype(np.uint16)
+    frames[:, ::29, ::31] += rng.integers(5, 400, frames[:, ::29, ::31].shape).astype(np.uint16)
+    counter = CompiledCounter(Thresholds(6.5, 300.0), dark)
+    assert counter._below.dtype == table
+    for ours, ref in zip(events_per_frame(counter, frames), dense_reference(frames, 6.5, 300.0, dark)):
+        assert len(ref) > 1000 and np.array_equal(ours, ref)
+
+
 @pytest.mark.parametrize("bg,xr", [(1.0, 5.0), (-2.5, 4.0), (0.0, 70000.0)],
                          ids=["ties", "negative-bg", "xray-past-uint16"])
 def test_ties_across_blocks_and_row_ends_match_dense_reference(Counter, bg, xr):
