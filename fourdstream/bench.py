@@ -20,7 +20,7 @@ Stages and their ceilings (each measured in the same run, right next to the stag
   rank reading them all;
 * **transport**: 4 module senders -> one rank's 4 sockets, decoded and assembled
   into frames (fourdstream's own path), vs raw pyzmq PUSH/PULL of the same
-  number of 165,888-byte messages with the same 4 processes;
+  messages (a sector header and a 165,888-byte payload) with the same 4 processes;
 * **write**: GB/s of events written collectively by 1..N ranks vs the same ranks
   writing the same bytes raw (each its contiguous share with ``pwrite``, into a new
   file in the same folder, without fsync as HDF5's close);
@@ -519,8 +519,9 @@ def _transport_once(n: int, raw: bool, keys: Path | None = None) -> float:
         socks.append(s)
     width = max(int(np.ceil(np.sqrt(n))), 1)
     height = -(-n // width)
-    if raw:
-        procs = [subprocess.Popen(_python("_raw_push", f"tcp://127.0.0.1:{base + m}", n)) for m in range(4)]
+    if raw:      # the end-to-end ceiling's senders, to one rank: header + payload, as ours send
+        procs = [subprocess.Popen(_python("_raw_route", base + m, 1, 1, n, 0), stdout=subprocess.DEVNULL)
+                 for m in range(4)]
     else:
         procs = [subprocess.Popen([sys.executable, "-m", "fourdstream", "send", "--module", str(m),
                                    "--simulate", f"{width}x{height}", "--no-flyback", "--pool-frames", "64",
@@ -1084,20 +1085,6 @@ def plot(record: dict, path) -> bool:
 
 
 # == workers =========================================================================
-def _raw_push(url: str, n: str) -> None:
-    import zmq
-
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.PUSH)
-    s.setsockopt(zmq.SNDHWM, 1000)
-    s.connect(url)
-    payload = np.zeros(SECTOR_BYTES, np.uint8)
-    for _ in range(int(n)):
-        s.send(payload, copy=False)
-    s.close(linger=60000)
-    ctx.term()
-
-
 def _raw_stream_once(scan: str, ranks: int, timeout: float = 300) -> dict:
     """The end-to-end stage's loopback-ZeroMQ ceiling: a ``scan`` (+ flyback) streamed by
     raw pyzmq with the processes and sockets of a streamed scan, and nothing else. 4
@@ -1364,7 +1351,7 @@ def _index_worker(folder: str, repeats: str) -> None:
         print(json.dumps(runs))
 
 
-WORKERS = {"_raw_push": _raw_push, "_raw_route": _raw_route, "_raw_pull": _raw_pull,
+WORKERS = {"_raw_route": _raw_route, "_raw_pull": _raw_pull,
            "_write_worker": _write_worker, "_count_worker": _count_worker, "_receive": _receive,
            "_index_worker": _index_worker}
 
