@@ -120,9 +120,10 @@ class ScanShare:
         self.announced: dict[str, int] = {}   # sender -> messages it says it sent here
         self.n_received = 0                   # sector messages of this scan received here
         self.ended: set[str] = set()
-        self.first_send = float("inf")
+        self.first_send = float("inf")       # the senders' first sector sent (their end messages)
         self.last_send = 0.0
-        self.first_message = self.last_message = time.time()
+        self.first_message = self.last_message = time.time()   # a ``begin`` may come seconds early
+        self.first_sector = float("inf")     # when the first sector message arrived here
         self.failed: str | None = None        # why the scan cannot be counted
         self.closed_by: str | None = None     # "end", "timeout", "shutdown"
         self.heard: dict[tuple, int] = {}     # (module, thread) -> highest frame number received
@@ -134,6 +135,7 @@ class ScanShare:
     def received(self, module: int, thread: int, frame: int) -> None:
         """Note one sector message of the scan from sender stream ``(module, thread)``."""
         self.last_message = now = time.time()
+        self.first_sector = min(self.first_sector, now)
         self.n_received += 1
         self.arrivals[int(now / ARRIVAL_BIN)] += 1
         self.busy.add(int(now / ARRIVAL_BIN))

@@ -68,6 +68,22 @@ def test_a_module_that_starts_late_does_not_change_the_thresholds(stream_session
     assert summary["complete"] == 104
 
 
+def test_the_scan_time_starts_at_its_first_sector_not_at_the_senders_begin(stream_session):
+    """Senders announce a scan (``begin``) as they start, then wait for ``--start-at``: the
+    summary's seconds (and so its frames/s) run from the first sector sent, so the wait
+    is not in them."""
+    s = stream_session(1, "--scans", 1, "--bg", 28, "--xr", 700)
+    start = time.time() + 5.0        # the senders start in about 1 s, then wait 4 s
+    for m in range(4):
+        s.send(m, "--simulate", SCAN, "--seed", SEED, "--pool-frames", 0, "--start-at", start)
+    rc, output, (summary,) = s.wait()
+    assert rc == 0, output
+    timings = open_counted(summary["path"]).metadata["fourdstream"]["timings"]
+    assert timings["first_message"] < start - 1.0          # the begins, seconds early
+    assert start <= timings["first_send"] < timings["last_message"]
+    assert 0 < summary["seconds"] <= time.time() - start
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 4])
 def test_two_scans_equal_offline_counting_including_thresholds(stream_session, ranks):
     s = stream_session(ranks, "--scans", 2)

@@ -103,7 +103,8 @@ class ScanWriter:
                                 "calibration": share.counting.calibration,
                                 "geometry": share.geometry, "first_message": share.first_message,
                                 "last_message": share.last_message, "last_send": share.last_send,
-                                "first_send": share.first_send, "closed_by": share.closed_by,
+                                "first_send": share.first_send, "first_sector": share.first_sector,
+                                "closed_by": share.closed_by,
                                 "arrivals": dict(share.arrivals), "busy": share.busy,
                                 "events": counted.n_events, "counted_at": share.counted_at,
                                 "handed_at": share.handed_at, "write_started": started})
@@ -116,8 +117,11 @@ class ScanWriter:
         calibration = next(r["calibration"] for r in ranks if r["calibration"] is not None)
         geometry = next(r["geometry"] for r in ranks if r["closed_by"] != "nothing received")
         heard = [r for r in ranks if r["arrivals"]] or ranks
-        timings = {"first_send": min(min(r["first_send"] for r in ranks),
-                                     min(r["first_message"] for r in heard)),
+        # The scan's start: its first sector sent (a sender that died sent no end: its first
+        # sector's arrival), not its first message, as a sender's ``begin`` precedes its
+        # first sector by as long as it waits for the scan to start.
+        first = min(min(r["first_send"] for r in ranks), min(r["first_sector"] for r in ranks))
+        timings = {"first_send": first if first < float("inf") else min(r["first_message"] for r in heard),
                    "first_message": min(r["first_message"] for r in heard),
                    "last_message": max(r["last_message"] for r in heard),
                    "last_send": max(r["last_send"] for r in ranks)}
