@@ -42,7 +42,7 @@ from numba.core import cgutils
 from numba.cpython.unsafe.numbers import trailing_zeros   # LLVM's cttz
 from numba.extending import intrinsic
 
-from .counting import ElectronCounter
+from .counting import ElectronCounter, frame_index
 from .detector import FRAME_COLS, FRAME_PIXELS, FRAME_ROWS, FRAME_SHAPE
 
 
@@ -264,12 +264,16 @@ def _prefetch(typingctx, pixels, start):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _prefetch_block(stream, at):
-    """Ask for the block ``stream[at:at + BLOCK]`` (its two 64-byte lines) where it lies in
-    ``stream``: what the kernel does ``AHEAD`` pixels before each block it compares."""
-    if at < stream.shape[0]:
-        _prefetch(stream, at)
-        _prefetch(stream, at + BLOCK // 2)
+def _prefetch_block(raw, following, at):
+    """Ask for the block at pixel ``at`` (a multiple of ``BLOCK``) of frame ``raw``, or past its
+    end, of the frame ``following`` it in the batch (its two 64-byte lines): what the kernel
+    does ``AHEAD`` pixels before each block it compares."""
+    if at < FRAME_PIXELS:
+        _prefetch(raw, at)
+        _prefetch(raw, at + BLOCK // 2)
+    else:
+        _prefetch(following, at - FRAME_PIXELS)
+        _prefetch(following, at - FRAME_PIXELS + BLOCK // 2)
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -376,9 +380,12 @@ def _edge_block_events(raw, start, found, floor, offset, dark, gain_inv, scale, 
 
 
 @numba.njit(nogil=True, cache=True)
-def _count(frames, floor, below, block_floor, offset, limit, dark, gain_inv, scales, bg, xr, low, high,
+def _count(frames, index, floor, below, block_floor, offset, limit, dark, gain_inv, scales, bg, xr, low, high,
            out, offsets):
-    """Events of ``frames`` (n, 331776) uint16 into ``out``; ``offsets`` (n + 1,) filled.
+    """Events of the frames ``frames[index]`` into ``out``; ``offsets`` (n + 1,) filled.
+
+    ``frames``: (m, 331776) uint16 (a batch, or a pool of frame buffers: nothing is
+    copied); ``index``: (n,) int64, each in ``range(m)`` (not checked here).
 
     ``floor``: the per-pixel candidate floor (331776,) uint16; ``below``: ``floor - 1``
     as the integer path reads it (:func:`_integer_maxima`; a uint16 value on the float
@@ -391,7 +398,8 @@ def _count(frames, floor, below, block_floor, offset, limit, dark, gain_inv, sca
     when it exceeds ``len(out)`` the events past the end were not stored (call again
     with a larger ``out``).
 
-    The bytes of the block ``AHEAD`` pixels on in the batch are asked for first
+    The bytes of the block ``AHEAD`` pixels on in the batch (in the next frame, near a
+    frame's end) are asked for first
     (:func:`_prefetch_block`). A block is skipped after one vector compare against its floor.
     On the integer path (``dark is None``) the others are compared whole
     (:func:`_integer_maxima`), away from the frame's first and last rows; elsewhere
@@ -399,16 +407,16 @@ def _count(frames, floor, below, block_floor, offset, limit, dark, gain_inv, sca
     compare), which :func:`_block_events` visits (inlined here; a call of its own on the
     integer path, :func:`_edge_block_events`).
     """
-    n = frames.shape[0]
-    stream = frames.reshape(n * FRAME_PIXELS)
+    n = index.shape[0]
     total = 0
     for i in range(n):
         offsets[i] = total
-        raw = frames[i]
+        raw = frames[index[i]]
+        following = frames[index[i + 1]] if i + 1 < n else raw
         scale = None if scales is None else scales[i]
         for b in range(FRAME_PIXELS // BLOCK):
             start = b * BLOCK
-            _prefetch_block(stream, i * FRAME_PIXELS + start + AHEAD)
+            _prefetch_block(raw, following, start + AHEAD)
             if not _any_at_least(raw, start, block_floor[b]):   # no pixel reaches the floor
                 continue
             if dark is None:   # the integer path: the block compared whole, away from top and bottom
@@ -502,12 +510,16 @@ def warm_up() -> None:
 
 @numba.njit(nogil=True, cache=True)
 def _blocks_at_least(frames, value, prefetch):
-    stream = frames.reshape(frames.size)
+    n = frames.shape[0]
     blocks = 0
-    for start in range(0, stream.shape[0], BLOCK):
-        if prefetch:
-            _prefetch_block(stream, start + AHEAD)
-        blocks += _any_at_least(stream, start, value) != 0
+    for i in range(n):
+        raw = frames[i]
+        following = frames[i + 1] if i + 1 < n else raw
+        for start in range(0, FRAME_PIXELS, BLOCK):
+            if prefetch:
+                _prefetch_block(raw, following, start + AHEAD)
+            if _any_at_least(raw, start, value):   # a branch, as the kernel's skip (not an add)
+                blocks += 1
     return blocks
 
 
@@ -517,7 +529,8 @@ def read_pass(frames, value: int = 0xFFFF, *, prefetch: bool = False) -> int:
     nothing else where no pixel reaches ``value``; the ceiling the harness measures the
     kernel against. ``prefetch``: ask for the bytes ``AHEAD`` pixels on, as the kernel
     does (:func:`_prefetch_block`)."""
-    return int(_blocks_at_least(np.ascontiguousarray(frames), np.uint16(value), prefetch))
+    stack = np.ascontiguousarray(frames).reshape(len(frames), FRAME_PIXELS)
+    return int(_blocks_at_least(stack, np.uint16(value), prefetch))
 
 
 def _float32_at_most(x: float) -> np.float32:
@@ -563,19 +576,22 @@ class CompiledCounter(ElectronCounter):
         self._low = _float32_at_most(thresholds.background)
         self._high = -_float32_at_most(-thresholds.xray)
 
-    def count(self, frames):
-        """Count a batch ``(n, 576, 576)`` uint16; returns ``(events uint32, offsets int64)``."""
+    def count(self, frames, index=None):
+        """Count a batch ``(n, 576, 576)`` uint16, or with ``index`` (n,) the frames
+        ``frames[index]`` of a larger stack (a frame pool's buffers, counted where they are);
+        returns ``(events uint32, offsets int64)``."""
         if self.thresholds is None:
             raise ValueError("this ElectronCounter has no thresholds; it can only give values()")
         if frames.shape[1:] != FRAME_SHAPE:
             raise ValueError(f"frames must be (n, 576, 576), got {frames.shape}")
-        n = len(frames)
-        flat = np.ascontiguousarray(frames).reshape(n, FRAME_PIXELS)
-        scales = self.row_dark_scale(frames) if self.row_dark is not None else None
+        stack = np.ascontiguousarray(frames).reshape(len(frames), FRAME_PIXELS)
+        index = np.arange(len(frames)) if index is None else frame_index(index, len(frames))
+        n = len(index)
+        scales = self.row_dark_scale(frames[index]) if self.row_dark is not None else None
         offsets = np.zeros(n + 1, np.int64)
         out = np.empty(max(n, 1) * _EVENTS_PER_FRAME, np.uint32)
         while True:
-            total = _count(flat, self._pixel_floor, self._below, self._block_floor, self._offset,
+            total = _count(stack, index, self._pixel_floor, self._below, self._block_floor, self._offset,
                            self._limit, self._dark_f, self._gain, scales, float(self.thresholds.background),
                            float(self.thresholds.xray), self._low, self._high, out, offsets)
             if total <= len(out):

@@ -146,8 +146,10 @@ class ElectronCounter:
         return xp.where(keep, v, 0)
 
     # -- counting -----------------------------------------------------------------
-    def count(self, frames):
-        """Count a batch ``(n, 576, 576)`` uint16.
+    def count(self, frames, index=None):
+        """Count a batch ``(n, 576, 576)`` uint16, or with ``index`` (n,) the frames
+        ``frames[index]`` of a larger stack (copied out here; the compiled kernel counts them
+        in place).
 
         Returns
         -------
@@ -155,6 +157,8 @@ class ElectronCounter:
         offsets : (n + 1,) int64
         """
         xp = self.xp
+        if index is not None:
+            frames = frames[frame_index(index, len(frames))]
         n = len(frames)
         if self.thresholds is None:
             raise ValueError("this ElectronCounter has no thresholds; it can only give values()")
@@ -178,6 +182,15 @@ class ElectronCounter:
         hits = xp.concatenate(pieces) if pieces else xp.zeros(0, xp.int64)
         offsets = xp.searchsorted(hits, xp.arange(n + 1, dtype=xp.int64) * FRAME_PIXELS)
         return (hits % FRAME_PIXELS).astype(xp.uint32), offsets.astype(xp.int64)
+
+
+def frame_index(index, n: int) -> np.ndarray:
+    """``index`` (frames of a stack of ``n``) as int64, each in ``range(n)``, else IndexError
+    (the compiled kernel reads ``frames[index[i]]`` unchecked)."""
+    index = np.asarray(index, np.int64)
+    if index.ndim != 1 or (len(index) and not (0 <= index.min() and index.max() < n)):
+        raise IndexError(f"a frame index must be 1-D, each in range({n})")
+    return index
 
 
 def _candidate_floor(dark: np.ndarray, gain_inv: np.ndarray | None, bg: float) -> np.ndarray:

@@ -166,13 +166,16 @@ class ScanCounting:
                                      xray_sigma=self.options.xray_sigma, comm=self.comm)
         return self.calibration
 
-    def count(self, frames, frame_number, position, mask) -> CountedFrames:
-        """Count a batch of frames (n, 576, 576) uint16 with the scan's thresholds."""
+    def count(self, frames, frame_number, position, mask, index=None) -> CountedFrames:
+        """Count a batch of frames (n, 576, 576) uint16 with the scan's thresholds, or with
+        ``index`` (n,) the frames ``frames[index]`` of a larger stack (a frame pool's)."""
         if self.calibration is None:
             raise RuntimeError("thresholds are not known yet: calibrate() first")
         if self._counter is None:
             self._counter = self._make_counter(self.calibration.thresholds)
-        events, offsets = self._counter.count(self.xp.asarray(frames))
+        if index is not None and self.xp is not np:     # only the batch goes to the device
+            frames, index = frames[index], None
+        events, offsets = self._counter.count(self.xp.asarray(frames), index)
         return CountedFrames(backend.to_numpy(events), backend.to_numpy(offsets),
                              np.asarray(frame_number, np.uint32), np.asarray(position, np.int64),
                              np.asarray(mask, np.uint8))

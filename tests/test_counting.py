@@ -274,6 +274,26 @@ def test_row_dark_matches_its_definition(Counter):
         assert np.array_equal(ours, np.flatnonzero(ref))
 
 
+@pytest.mark.parametrize("setup", ["dark", "dark+gain", "row-dark"])
+def test_frames_counted_where_they_lie_by_index_equal_the_same_frames_copied(Counter, frames_by_dose,
+                                                                            setup):
+    """The receiver counts a batch where its frames lie in its frame pool:
+    ``count(pool, index)`` equals ``count(pool[index])``, in any order and with repeats;
+    an index outside the stack is an error, not a read past it."""
+    frames, dark = frames_by_dose[400]
+    gain = np.random.default_rng(5).uniform(0.8, 1.25, (576, 576)).astype(np.float32)
+    args = {"dark": (dark,), "dark+gain": (dark, gain), "row-dark": ()}[setup]
+    counter = Counter(Thresholds(BG, XR), *args, row_dark="mean" if setup == "row-dark" else None)
+    index = np.array([5, 0, 11, 3, 3, 7])
+    events, offsets = counter.count(frames, index)
+    expected_events, expected_offsets = counter.count(frames[index])
+    assert len(events) > 100 and np.array_equal(events, expected_events)
+    assert np.array_equal(offsets, expected_offsets)
+    for outside in ([0, len(frames)], [-1]):
+        with pytest.raises(IndexError):
+            counter.count(frames, np.array(outside))
+
+
 def test_batching_and_chunking_do_not_change_results(Counter, frames_by_dose):
     frames, dark = frames_by_dose[400]
     whole = events_per_frame(Counter(Thresholds(BG, XR), dark, chunk=5), frames)
