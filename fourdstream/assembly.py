@@ -251,12 +251,11 @@ class ScanShare:
         self.counted_at = time.time()
 
     def take_ready(self, n: int):
-        """Up to ``n`` ready frames: (frames copy, frame numbers, positions, masks, slots)."""
+        """Up to ``n`` ready frames: (their slots, frame numbers, positions, masks). They stay
+        in the pool, counted there: the caller gives the slots back when that is done."""
         batch, self.ready = self.ready[:n], self.ready[n:]
-        slots = np.array([b[0] for b in batch], np.int64)
-        return (self.pool.frames[slots], np.array([b[1] for b in batch], np.uint32),
-                np.array([b[2] for b in batch], np.int64), np.array([b[3] for b in batch], np.uint8),
-                slots)
+        return (np.array([b[0] for b in batch], np.int64), np.array([b[1] for b in batch], np.uint32),
+                np.array([b[2] for b in batch], np.int64), np.array([b[3] for b in batch], np.uint8))
 
     @property
     def n_counted(self) -> int:

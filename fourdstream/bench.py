@@ -1314,7 +1314,7 @@ def _receive(mode: str, *argv: str) -> None:
     from .sparse import CountedFrames
 
     if mode == "transport":
-        def assemble_only(self, frames, frame_number, position, mask):
+        def assemble_only(self, frames, frame_number, position, mask, index=None):
             empty = CountedFrames.empty()
             n = len(frame_number)
             return CountedFrames(empty.events, np.zeros(n + 1, np.int64), np.asarray(frame_number, np.uint32),

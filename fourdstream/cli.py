@@ -552,7 +552,8 @@ receiver_endpoint_options = _option_group(
 @click.option("--timeout", type=float, default=10.0, show_default=True,
               help="Seconds without a message of an open scan before it is closed with what arrived.")
 @click.option("--window", type=int, default=256, show_default=True,
-              help="Frame buffers per rank (0.66 MB each): the memory cap. When full, frames are "
+              help="Frame buffers per rank for assembly (0.66 MB each): the memory cap (the batches "
+                   "being counted hold 3 x threads x batch-size more). When full, frames are "
                    "counted, then the oldest incomplete frame is emitted as incomplete.")
 @click.option("--hwm", type=int, default=100, show_default=True,
               help="Messages queued per module socket before senders are held back "

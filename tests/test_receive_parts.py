@@ -14,7 +14,7 @@ from fourdstream.calibrate import calibrate, plan_samples
 from fourdstream.counting import ElectronCounter
 from fourdstream.detector import COMPLETE_MASK, ScanGeometry, sector_slice
 from fourdstream.pipeline import CountingOptions, ScanCounting
-from fourdstream.receive import rank_concurrency
+from fourdstream.receive import memory_bound_mb, pool_frames, rank_concurrency
 from fourdstream.receive.coordinator import Coordinator, CoordinatorOptions
 from fourdstream.receive.ingest import Ingest
 from fourdstream.receive.workers import CountingThreads
@@ -99,19 +99,22 @@ def test_ingest_counts_what_belongs_to_no_scan(wired):
 
 
 def test_counting_threads_return_every_batch_and_hand_back_errors():
+    """Each batch is counted in place (the share's pool frames, at its slots) and comes back
+    with its slots, so that they can be given back to the pool; an error comes back too."""
     seen = []
+    pool = SimpleNamespace(frames=np.arange(6) * 10)
 
-    def count(frames, fn, pos, mask):
+    def count(frames, fn, pos, mask, index):
         if fn[0] < 0:
             raise ValueError("bad batch")
         seen.append(threading.current_thread().name)
-        return int(fn.sum())
+        return int(frames[index].sum())
 
-    share = SimpleNamespace(counting=SimpleNamespace(count=count), in_flight=0, live=None)
+    share = SimpleNamespace(counting=SimpleNamespace(count=count), pool=pool, in_flight=0, live=None)
     workers = CountingThreads(2)
     submitted = 0
     for k in range(6):
-        while not workers.submit(share, None, np.array([-1 if k == 3 else k, k]), None, None):
+        while not workers.submit(share, np.array([k]), np.array([-1 if k == 3 else k]), None, None):
             time.sleep(0.001)
         submitted += 1
     results = []
@@ -120,10 +123,21 @@ def test_counting_threads_return_every_batch_and_hand_back_errors():
         results += workers.collect()
     workers.stop()
     assert share.in_flight == 6
-    values = sorted(r for _, r in results if not isinstance(r, Exception))
-    assert values == [0, 2, 4, 8, 10]
-    assert [str(r) for _, r in results if isinstance(r, Exception)] == ["bad batch"]
+    assert sorted((int(slots[0]), r) for _, slots, r in results if not isinstance(r, Exception)) == \
+        [(0, 0), (1, 10), (2, 20), (4, 40), (5, 50)]
+    assert [(int(slots[0]), str(r)) for _, slots, r in results if isinstance(r, Exception)] == \
+        [(3, "bad batch")]
     assert set(seen) <= {"fourdstream-counting-0", "fourdstream-counting-1"}
+
+
+def test_the_pool_holds_the_window_and_the_buffers_of_the_batches_being_counted():
+    """The assembly window (at least two batches) plus 3 x threads x batch size buffers for
+    the batches queued and being counted, each 0.66 MB in the memory bound."""
+    assert pool_frames(256, 32, 2) == 256 + 192
+    assert pool_frames(16, 32, 1) == 64 + 96
+    frame_mb = 576 * 576 * 2 / 1e6
+    assert memory_bound_mb(256, 100, 32, 3) - memory_bound_mb(256, 100, 32, 1) == \
+        pytest.approx(2 * 3 * 32 * frame_mb)
 
 
 def _coordinator(ingest, comm, handed, **options):

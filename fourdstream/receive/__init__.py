@@ -66,13 +66,20 @@ BASE_RSS_MB = 260
 RECEIVE_BATCH = 32
 
 
+def pool_frames(window: int, batch_size: int, threads: int) -> int:
+    """Frame buffers of a rank's pool: the assembly ``window`` (at least two batches) and
+    the buffers of the batches handed to the counting threads, which count them where
+    they lie (``2 threads`` batches queued and ``threads`` being counted)."""
+    return max(window, 2 * batch_size) + 3 * threads * batch_size
+
+
 def memory_bound_mb(window: int, hwm: int, batch_size: int, threads: int = 1,
                     events: int = 0, sample_frames: int = 20) -> float:
     """Peak resident memory of one rank, MB, that the receiver stays within.
 
-    ``window`` frame buffers (0.66 MB each) + 4 module sockets x ``hwm`` queued
-    sector messages (0.17 MB each) + the batches queued and being counted
-    (3 x ``threads`` x ``batch_size`` frames) + calibration (the sample frames
+    The frame pool (:func:`pool_frames`: ``window`` frame buffers and 3 x ``threads``
+    x ``batch_size`` for the batches being counted, 0.66 MB each) + 4 module sockets x
+    ``hwm`` queued sector messages (0.17 MB each) + calibration (the sample frames
     and their corrected values: 3 MB per sample frame at most, on the rank that
     holds them) + the counted events the rank holds (``events``, 4 bytes each; up
     to 10 copies while a scan is sorted, moved and written: 40 bytes per event,
@@ -81,8 +88,8 @@ def memory_bound_mb(window: int, hwm: int, batch_size: int, threads: int = 1,
     counted for every rank) + :data:`BASE_RSS_MB`.
     """
     frame_mb = 2 * FRAME_PIXELS / 1e6
-    return (BASE_RSS_MB + window * frame_mb + 4 * hwm * SECTOR_BYTES / 1e6
-            + 3 * threads * batch_size * frame_mb + 3 * sample_frames + 70 + 40 * events / 1e6)
+    return (BASE_RSS_MB + pool_frames(window, batch_size, threads) * frame_mb
+            + 4 * hwm * SECTOR_BYTES / 1e6 + 3 * sample_frames + 70 + 40 * events / 1e6)
 
 
 @dataclasses.dataclass
@@ -92,7 +99,7 @@ class ReceiverOptions:
     output: str
     senders: int = 4            #: sender streams that send every scan
     timeout: float = 10.0       #: seconds without a message on any rank before a scan is closed
-    window: int = 256           #: frame buffers per rank (memory cap: 0.66 MB each)
+    window: int = 256           #: frame buffers per rank for assembly (memory cap: 0.66 MB each)
     hwm: int = 100              #: messages queued per module socket (0.17 MB each)
     scans: int = 0              #: stop after writing this many scans (0: until stopped)
     overwrite: bool = False     #: replace existing files instead of choosing a new name
@@ -141,7 +148,7 @@ class Receiver:
                 port = url.rstrip("/").rsplit(":", 1)[1]
                 log(f"live view: {url} (from another machine: ssh -L {port}:localhost:{port} "
                     f"THIS_NODE)")
-        self.ingest = Ingest(sockets, FramePool(max(options.window, 2 * self.batch)),
+        self.ingest = Ingest(sockets, FramePool(pool_frames(options.window, self.batch, options.threads)),
                              self.template.for_scan, stall=min(2.0, options.timeout),
                              on_open=journal.opened if journal else None, skip=options.skip,
                              live=live)
@@ -234,7 +241,7 @@ class Receiver:
                 self.ingest.close(share, "shutdown")
 
     def _count_ready(self, everything: bool = False) -> None:
-        """Hand ready frames of calibrated scans to the counting threads (copied out of the pool)."""
+        """Hand ready frames of calibrated scans to the counting threads (counted in the pool)."""
         for share in list(self.ingest.shares.values()):
             if share.failed:
                 self.ingest.pool.give(slot for slot, *_ in share.ready)
@@ -244,12 +251,11 @@ class Receiver:
                 continue
             while (len(share.ready) >= self.batch or (share.ready and (everything or share.closed_by))) \
                     and not self.counting.full:
-                frames, fn, pos, mask, slots = share.take_ready(self.batch)
-                self.ingest.pool.give(slots)
-                self.counting.submit(share, frames, fn, pos, mask)
+                self.counting.submit(share, *share.take_ready(self.batch))
 
     def _collect_counted(self) -> None:
-        for share, result in self.counting.collect():
+        for share, slots, result in self.counting.collect():
+            self.ingest.pool.give(slots)
             share.in_flight -= 1
             if isinstance(result, BaseException):
                 raise result
