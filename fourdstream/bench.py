@@ -83,6 +83,10 @@ LINE_RATE_GBPS = 57.7            #: 4D Camera pixel payload, GB/s
 NETWORK_GBIT_PER_NODE = 200.0    #: a Perlmutter node's Slingshot-11 NIC, Gbit/s (sizing input)
 REGRESSION_TOLERANCE = 0.15      #: --compare flags changes worse than this fraction
 CONCURRENT = 0.9                 #: rank concurrency a run needs for the end-to-end sizing
+#: How far two best-of-10 rates of the same loop differ here (measured: up to 2.1 %, the
+#: kernel's block test alone, in 5 runs): a stage within this of its ceiling is at it,
+#: one further above it beats it (the ceiling is wrong).
+RESOLUTION = 0.03
 
 
 @dataclasses.dataclass(frozen=True)
@@ -850,7 +854,11 @@ def table(record: dict) -> str:
         rows.append((stage, rate, ceiling, ratio))
 
     def bounded(x: float) -> str:   # a stage above its ceiling: the ceiling is wrong, not the stage fast
-        return f"{x:.2f}" if x <= 1 else f"{x:.2f}  CEILING WRONG (a stage cannot beat its ceiling)"
+        if x <= 1:
+            return f"{x:.2f}"
+        if x <= 1 + RESOLUTION:
+            return f"{x:.2f} (at the ceiling: within the {RESOLUTION:.0%} two timings of one loop differ by)"
+        return f"{x:.2f}  CEILING WRONG (a stage cannot beat its ceiling)"
 
     if "counting" in st:
         c = st["counting"]
