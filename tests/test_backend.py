@@ -70,6 +70,35 @@ def test_cupy_counting_matches_numpy_when_a_gpu_exists():
     assert all(np.array_equal(a, backend.to_numpy(b)) for a, b in zip(cpu, gpu))
 
 
+def test_a_batch_of_a_frame_pool_goes_to_the_device_alone():
+    """With an array module other than numpy (CuPy), ScanCounting gathers the batch's frames
+    out of the pool on the host and moves only them to the device, not the whole pool; the
+    events are those of the batch. A stand-in device module (numpy under another name)
+    records what it is given."""
+    from fourdstream.detector import ScanGeometry
+    from fourdstream.pipeline import CountingOptions, ScanCounting
+    from fourdstream.simulate import Simulator
+
+    class Device:
+        moved = []
+
+        def asarray(self, a):
+            self.moved.append(np.shape(a))
+            return np.asarray(a)
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+    pool = Simulator(ScanGeometry(6, 1), dose=150, seed=2).frames(0, 6)[0]
+    slots = np.array([4, 1, 3])
+    counting = ScanCounting(CountingOptions(background_threshold=28, xray_threshold=600, backend="numpy"))
+    counting.xp = Device()
+    counted = counting.count(pool, slots + 1, slots, np.full(3, 15), index=slots)
+    assert [shape for shape in Device.moved if len(shape) == 3] == [(3, 576, 576)]   # frames, not tables
+    expected = ElectronCounter(counting.calibration.thresholds).count(pool[slots])
+    assert np.array_equal(counted.events, expected[0]) and np.array_equal(counted.offsets, expected[1])
+
+
 def test_compiled_kernel_releases_the_gil_and_is_cached_on_disk(tmp_path):
     from fourdstream import compiled
 
