@@ -17,7 +17,7 @@ import numpy as np
 from . import __version__, backend
 from .calibrate import (DEFAULT_BACKGROUND_SIGMA, DEFAULT_SAMPLE_FRAMES, DEFAULT_SAMPLES,
                         DEFAULT_XRAY_SIGMA, Calibration, calibrate, plan_samples)
-from .counting import ElectronCounter, Thresholds
+from .counting import ElectronCounter, Thresholds, frame_index
 from .detector import COMPLETE_MASK, FRAME_SHAPE
 from .references import load_reference
 from .sparse import CountedFrames
@@ -174,7 +174,7 @@ class ScanCounting:
         if self._counter is None:
             self._counter = self._make_counter(self.calibration.thresholds)
         if index is not None and self.xp is not np:     # only the batch goes to the device
-            frames, index = frames[index], None
+            frames, index = frames[frame_index(index, len(frames))], None
         events, offsets = self._counter.count(self.xp.asarray(frames), index)
         return CountedFrames(backend.to_numpy(events), backend.to_numpy(offsets),
                              np.asarray(frame_number, np.uint32), np.asarray(position, np.int64),
