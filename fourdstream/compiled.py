@@ -21,9 +21,9 @@ branches: on these sparse frames a mispredicted branch costs more than the
 arithmetic. On the float path the 3x3 window around a candidate is computed as
 three rows of 4 pixels, a vector each (:func:`_window_wins`).
 While it scans, it asks for the frames' bytes ``AHEAD`` pixels before it reaches
-them (software prefetch, non-temporal: the frames are read once, so they are not
-kept in the caches where the thresholds' tables are), which keeps a core's reads
-of memory in flight through the blocks it stops at.
+them (software prefetch into the second-level cache, not the first, where the
+thresholds' tables are), which keeps a core's reads of memory in flight through
+the blocks it stops at.
 It releases the GIL (``nogil``), so threads count batches in parallel, and it
 is compiled once and cached on disk next to this module (``cache=True``; set
 ``NUMBA_CACHE_DIR`` where that folder is read-only).
@@ -247,8 +247,12 @@ def _window_wins(typingctx, pixels, j, dark, gain_inv, low, high):
 @intrinsic
 def _prefetch(typingctx, pixels, start):
     """Ask for the cache line holding ``pixels[start]`` (uint16 1-D C array, ``start`` in
-    range) to be read, not to be kept (LLVM's ``prefetch``, locality 0: x86
-    ``prefetchnta``). A hint: nothing waits for it."""
+    range) to be read into the second-level cache (LLVM's ``prefetch``, locality 2: x86
+    ``prefetcht1``). A hint: nothing waits for it. The non-temporal hint (locality 0,
+    ``prefetchnta``) measured fastest on the hosts of 2026-11-25 to -27, but on the host
+    of 2026-11-28 it made the kernels 2.7x slower than no prefetch at all (0.31-0.35 of a
+    memory pass); there this hint was the fastest (locality 1 the same, 3 slower with a
+    dark)."""
     if not (_is_pixels(pixels) and isinstance(start, types.Integer)):
         return None
 
@@ -258,7 +262,7 @@ def _prefetch(typingctx, pixels, start):
         i32 = ir.IntType(32)
         prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]), "llvm.prefetch.p0")
-        builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 0), ir.Constant(i32, 1)])
+        builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.none(pixels, start), codegen
 
@@ -509,28 +513,32 @@ def warm_up() -> None:
 
 
 @numba.njit(nogil=True, cache=True)
-def _blocks_at_least(frames, value, prefetch):
+def _blocks_at_least(frames, block_floor, prefetch):
     n = frames.shape[0]
     blocks = 0
     for i in range(n):
         raw = frames[i]
         following = frames[i + 1] if i + 1 < n else raw
-        for start in range(0, FRAME_PIXELS, BLOCK):
+        for b in range(FRAME_PIXELS // BLOCK):
+            start = b * BLOCK
             if prefetch:
                 _prefetch_block(raw, following, start + AHEAD)
-            if _any_at_least(raw, start, value):   # a branch, as the kernel's skip (not an add)
-                blocks += 1
+            if not _any_at_least(raw, start, block_floor[b]):   # a branch, as the kernel's skip
+                continue
+            blocks += 1
     return blocks
 
 
 def read_pass(frames, value: int = 0xFFFF, *, prefetch: bool = False) -> int:
     """The number of ``BLOCK``-pixel blocks of ``frames`` (n, 576, 576) uint16 that hold a
-    pixel >= ``value``: one read of every pixel with the kernel's own block test, and
-    nothing else where no pixel reaches ``value``; the ceiling the harness measures the
-    kernel against. ``prefetch``: ask for the bytes ``AHEAD`` pixels on, as the kernel
-    does (:func:`_prefetch_block`)."""
+    pixel >= ``value``: one read of every pixel with the kernel's own block test (against
+    a table of per-block floors, as the kernel's: compared with one value held in a
+    register instead, the loop ran 10-15 % slower than the kernel's on some machines),
+    and nothing else where no pixel reaches ``value``; the ceiling the harness measures
+    the kernel against. ``prefetch``: ask for the bytes ``AHEAD`` pixels on, as the
+    kernel does (:func:`_prefetch_block`)."""
     stack = np.ascontiguousarray(frames).reshape(len(frames), FRAME_PIXELS)
-    return int(_blocks_at_least(stack, np.uint16(value), prefetch))
+    return int(_blocks_at_least(stack, np.full(FRAME_PIXELS // BLOCK, value, np.uint16), prefetch))
 
 
 def _float32_at_most(x: float) -> np.float32:
