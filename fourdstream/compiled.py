@@ -22,9 +22,9 @@ branches: on these sparse frames a mispredicted branch costs more than the
 arithmetic. On the float path the 3x3 window around a candidate is computed as
 three rows of 4 pixels, a vector each (:func:`_window_wins`).
 While it scans, it asks for the frames' bytes ``AHEAD`` pixels before it reaches
-them (software prefetch into the second-level cache, not the first, where the
-thresholds' tables are), which keeps a core's reads of memory in flight through
-the blocks it stops at.
+them (a software prefetch: non-temporal on AMD Zen, into the second-level cache
+elsewhere, :func:`prefetch_locality`), which keeps a core's reads of memory in
+flight through the blocks it stops at.
 It releases the GIL (``nogil``), so threads count batches in parallel, and it
 is compiled once and cached on disk next to this module (``cache=True``; set
 ``NUMBA_CACHE_DIR`` where that folder is read-only).
@@ -37,9 +37,9 @@ import sys
 
 import numba
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, config
 from numba.cpython.unsafe.numbers import trailing_zeros   # LLVM's cttz
 from numba.extending import intrinsic
 
@@ -70,6 +70,24 @@ BLOCK = 64
 #: How far ahead of the block it compares the kernel asks for the frames' bytes (pixels:
 #: 8 KB; 2, 4, 16 and 32 KB measured slower here, at 15, 150 and 1,500 e-/frame).
 AHEAD = 4096
+
+
+def prefetch_locality(cpu: str) -> int:
+    """The locality of the kernel's prefetch hint (:func:`_prefetch`) for the CPU named
+    ``cpu`` (LLVM's name, as numba compiles for it): 0, non-temporal (x86
+    ``prefetchnta``), on AMD Zen (``znver*``), 2 (``prefetcht1``: into the second-level
+    cache, not the first) elsewhere. Measured against a read of the same frames:
+
+    * AMD EPYC (the hosts of 2026-11-25 to -27): the non-temporal hint fastest, the
+      read 62-67k frames/s with it against 52-54k without a prefetch, locality 3 slower;
+    * Intel Xeon (``rocketlake`` to LLVM, 2026-11-28): the non-temporal hint made every
+      kernel 2.7x slower than no prefetch at all (0.31-0.35 of a memory pass), locality 2
+      the fastest (1 the same, 3 slower with a dark)."""
+    return 0 if cpu.startswith("znver") else 2
+
+
+#: :func:`prefetch_locality` of the CPU numba compiles for here.
+PREFETCH_LOCALITY = prefetch_locality(config.CPU_NAME or binding.get_host_cpu_name())
 #: Event pixels of a block :func:`_store_bits` stores without a branch.
 _STORED = 3
 #: Events per frame the output buffer holds at first (it grows when a batch needs more).
@@ -248,12 +266,8 @@ def _window_wins(typingctx, pixels, j, dark, gain_inv, low, high):
 @intrinsic
 def _prefetch(typingctx, pixels, start):
     """Ask for the cache line holding ``pixels[start]`` (uint16 1-D C array, ``start`` in
-    range) to be read into the second-level cache (LLVM's ``prefetch``, locality 2: x86
-    ``prefetcht1``). A hint: nothing waits for it. The non-temporal hint (locality 0,
-    ``prefetchnta``) measured fastest on the hosts of 2026-11-25 to -27, but on the host
-    of 2026-11-28 it made the kernels 2.7x slower than no prefetch at all (0.31-0.35 of a
-    memory pass); there this hint was the fastest (locality 1 the same, 3 slower with a
-    dark)."""
+    range) to be read (LLVM's ``prefetch``, locality ``PREFETCH_LOCALITY``). A hint:
+    nothing waits for it."""
     if not (_is_pixels(pixels) and isinstance(start, types.Integer)):
         return None
 
@@ -263,7 +277,8 @@ def _prefetch(typingctx, pixels, start):
         i32 = ir.IntType(32)
         prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]), "llvm.prefetch.p0")
-        builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        builder.call(prefetch, [address, ir.Constant(i32, 0), ir.Constant(i32, PREFETCH_LOCALITY),
+                                 ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.none(pixels, start), codegen
 

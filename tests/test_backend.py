@@ -140,19 +140,30 @@ def test_read_pass_counts_the_blocks_that_reach_a_value(prefetch):
     assert read_pass(frames[:, ::-1], 0xFFFF, prefetch=prefetch) == 1      # a strided view is read too
 
 
-def test_kernel_and_its_ceiling_ask_for_the_frames_ahead_into_the_second_level_cache(tmp_path):
-    """The README's "asking for the bytes 8 kB ahead (a software prefetch into the
-    second-level cache)": the compiled kernel and the ceiling's prefetching read both hold
-    LLVM prefetches of a read (0), at locality 2 (x86 ``prefetcht1``: into L2, not L1),
-    from the data cache (1)."""
-    from fourdstream.compiled import AHEAD
+def test_prefetch_hint_is_non_temporal_on_amd_zen_and_into_l2_elsewhere():
+    """The README's "non-temporal on AMD Zen, into the second-level cache elsewhere",
+    by the CPU names LLVM gives (the one numba compiles for decides)."""
+    from fourdstream.compiled import prefetch_locality
+
+    assert [prefetch_locality(c) for c in ("znver2", "znver3", "znver4")] == [0, 0, 0]
+    assert [prefetch_locality(c) for c in ("rocketlake", "sapphirerapids", "skylake-avx512", "generic",
+                                           "neoverse-v2")] == [2, 2, 2, 2, 2]
+
+
+def test_kernel_and_its_ceiling_ask_for_the_frames_ahead_with_this_cpus_hint(tmp_path):
+    """The README's "asking for the bytes 8 kB ahead (a software prefetch ...)": the
+    compiled kernel and the ceiling's prefetching read both hold LLVM prefetches of a
+    read (0), at the locality chosen for this CPU (``PREFETCH_LOCALITY``), from the data
+    cache (1)."""
+    from fourdstream.compiled import AHEAD, PREFETCH_LOCALITY
 
     assert AHEAD * 2 == 8192       # pixels of 2 bytes: 8 kB
+    hint = f"i32 0, i32 {PREFETCH_LOCALITY}, i32 1"
     code = ("import re, numpy as np; from fourdstream import compiled; "
             "from fourdstream.counting import Thresholds; "
             "compiled.CompiledCounter(Thresholds(28, 700)).count(np.zeros((2, 576, 576), np.uint16)); "
             "compiled.read_pass(np.zeros((2, 576, 576), np.uint16), prefetch=True); "
-            "print([len(re.findall(r'call void @llvm\\.prefetch\\S*\\(ptr [^,]+, i32 0, i32 2, i32 1\\)', ir)) "
+            "print([len(re.findall(r'call void @llvm\\.prefetch\\S*\\(ptr [^,]+, " + hint + "\\)', ir)) "
             "for f in (compiled._count, compiled._blocks_at_least) for ir in f.inspect_llvm().values()])")
     env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}    # compiled here: inspectable
     found = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
