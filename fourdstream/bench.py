@@ -171,7 +171,7 @@ def bench_counting(cfg: Config, log) -> dict:
     a gain, against one read of the same frames: the fastest of numpy's ``max`` and the kernel's
     own block test over every block, with and without its prefetch (:func:`read_pass`)."""
     from . import backend
-    from .compiled import CompiledCounter, read_pass
+    from .compiled import PREFETCH_LOCALITY, TARGET_CPU, CompiledCounter, read_pass
     from .counting import ElectronCounter, Thresholds
     from .detector import ScanGeometry
     from .pipeline import CountingOptions, ScanCounting
@@ -180,7 +180,8 @@ def bench_counting(cfg: Config, log) -> dict:
     n = cfg.count_frames
     repeats = max(cfg.repeats, cfg.kernel_repeats)     # the kernels' figures: a call takes milliseconds
     gain = np.random.default_rng(0).uniform(0.8, 1.25, (576, 576)).astype(np.float32)
-    out = {"frames": n, "repeats": repeats, "by_dose": {}, "compile_seconds": _compile_seconds()}
+    out = {"frames": n, "repeats": repeats, "by_dose": {}, "compile_seconds": _compile_seconds(),
+           "prefetch": {"cpu": TARGET_CPU, "locality": PREFETCH_LOCALITY}}
     sims = {dose: Simulator(ScanGeometry(n, 1), dose=dose, seed=1, pattern="disc")
             for dose in (15, 150, 1500)}
     # Thresholds: the NCEM calibration (dark = zeros) of the 150 e-/frame frames; with a dark,
@@ -881,8 +882,10 @@ def table(record: dict) -> str:
         if c.get("stempy_fps"):
             row("counting vs stempy 3.6 (1 core)", f"{_rate(c['compiled_fps']):,.0f} frames/s",
                 f"stempy {_rate(c['stempy_fps']):,.0f} frames/s", f"{c['speedup_vs_stempy']:.0f}x")
+        p = c.get("prefetch")       # not in the records before 2026-11-28T07:00
         row("kernel compilation", f"{c['compile_seconds']['uncached']:.2f} s once, "
-            f"{c['compile_seconds']['cached']:.2f} s from the cache", "", "")
+            f"{c['compile_seconds']['cached']:.2f} s from the cache",
+            f"for CPU {p['cpu']}, prefetch locality {p['locality']}" if p else "", "")
         if c.get("cupy_fps"):
             row("counting, cupy (GPU)", f"{_rate(c['cupy_fps']):,.0f} frames/s", "", "")
     if "count_command" in st:

@@ -78,16 +78,19 @@ def prefetch_locality(cpu: str) -> int:
     ``prefetchnta``), on AMD Zen (``znver*``), 2 (``prefetcht1``: into the second-level
     cache, not the first) elsewhere. Measured against a read of the same frames:
 
-    * AMD EPYC (the hosts of 2026-11-25 to -27): the non-temporal hint fastest, the
-      read 62-67k frames/s with it against 52-54k without a prefetch, locality 3 slower;
+    * AMD EPYC (this project's VM up to 2026-11-28T04:55): the non-temporal hint
+      fastest, the read 62-67k frames/s with it against 52-54k without a prefetch,
+      locality 3 slower;
     * Intel Xeon (``rocketlake`` to LLVM, 2026-11-28): the non-temporal hint made every
       kernel 2.7x slower than no prefetch at all (0.31-0.35 of a memory pass), locality 2
       the fastest (1 the same, 3 slower with a dark)."""
     return 0 if cpu.startswith("znver") else 2
 
 
-#: :func:`prefetch_locality` of the CPU numba compiles for here.
-PREFETCH_LOCALITY = prefetch_locality(config.CPU_NAME or binding.get_host_cpu_name())
+#: The CPU numba compiles for here (LLVM's name), and its :func:`prefetch_locality`.
+TARGET_CPU = config.CPU_NAME or binding.get_host_cpu_name()
+PREFETCH_LOCALITY = prefetch_locality(TARGET_CPU)
+
 #: Event pixels of a block :func:`_store_bits` stores without a branch.
 _STORED = 3
 #: Events per frame the output buffer holds at first (it grows when a batch needs more).
@@ -549,13 +552,12 @@ def _blocks_at_least(frames, block_floor, prefetch):
 
 def read_pass(frames, value: int = 0xFFFF, *, prefetch: bool = False) -> int:
     """The number of ``BLOCK``-pixel blocks of ``frames`` (n, 576, 576) uint16 that hold a
-    pixel >= ``value``: one read of every pixel with the kernel's own block test (against
-    a table of per-block floors, as the kernel's: compared with one value held in a
-    register instead, the loop ran 11-16 % slower than the kernel's on the host of
-    2026-11-28),
-    and nothing else where no pixel reaches ``value``; the ceiling the harness measures
-    the kernel against. ``prefetch``: ask for the bytes ``AHEAD`` pixels on, as the
-    kernel does (:func:`_prefetch_block`)."""
+    pixel >= ``value``: one read of every pixel with the kernel's own block test, and
+    nothing else where no pixel reaches ``value``; the ceiling the harness measures the
+    kernel against. Each block is compared with a table of block floors, as in the
+    kernel (compared with one value held in a register, the same loop ran 11-16 %
+    slower than the kernel's on the Intel VM of 2026-11-28). ``prefetch``: ask for the
+    bytes ``AHEAD`` pixels on, as the kernel does (:func:`_prefetch_block`)."""
     stack = np.ascontiguousarray(frames).reshape(len(frames), FRAME_PIXELS)
     return int(_blocks_at_least(stack, np.full(FRAME_PIXELS // BLOCK, value, np.uint16), prefetch))
 

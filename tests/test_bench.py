@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fourdstream import bench
+from fourdstream import bench, compiled
 from fourdstream.cli import main
 from fourdstream.detector import ScanGeometry
 
@@ -40,6 +40,8 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
     for figures in c["by_dose"].values():
         assert {"plain", "dark", "dark+gain"} <= set(figures) and _is_stats(figures["memory_pass_fps"])
     assert c["compile_seconds"]["uncached"] > 0 and c["compile_seconds"]["cached"] > 0
+    assert c["prefetch"] == {"cpu": compiled.TARGET_CPU, "locality": compiled.PREFETCH_LOCALITY}
+    assert f"for CPU {compiled.TARGET_CPU}, prefetch locality {compiled.PREFETCH_LOCALITY}" in bench.table(record)
     t = c["threads"]
     assert t["cpus"] == len(os.sched_getaffinity(0))
     for key in ("one_fps", "all_fps", "memory_pass_one_fps", "memory_pass_all_fps"):
