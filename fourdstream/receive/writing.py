@@ -121,8 +121,9 @@ class ScanWriter:
         # sector's arrival), not its first message, as a sender's ``begin`` precedes its
         # first sector by as long as it waits for the scan to start.
         first = min(min(r["first_send"] for r in ranks), min(r["first_sector"] for r in ranks))
-        timings = {"first_send": first if first < float("inf") else min(r["first_message"] for r in heard),
-                   "first_message": min(r["first_message"] for r in heard),
+        first_message = min(r["first_message"] for r in heard)
+        timings = {"first_send": first if first < float("inf") else first_message,
+                   "first_message": first_message,
                    "last_message": max(r["last_message"] for r in heard),
                    "last_send": max(r["last_send"] for r in ranks)}
         provenance = dict(
