@@ -68,7 +68,9 @@ _load_array_functions_without_blas()
 
 BLOCK = 64
 #: How far ahead of the block it compares the kernel asks for the frames' bytes (pixels:
-#: 8 KB; 2, 4, 16 and 32 KB measured slower here, at 15, 150 and 1,500 e-/frame).
+#: 8 KB; 2, 4, 16 and 32 KB measured slower on the AMD VM at 15, 150 and 1,500 e-/frame; on
+#: the Intel VM of 2026-11-28, with locality 2, 8 KB was best in 4 of 9 set-ups and doses,
+#: 16 KB in 4 (by 0.01-0.06 of a memory pass), 4 KB in 1 (by 0.01), 2 KB in none).
 AHEAD = 4096
 
 
@@ -413,7 +415,7 @@ def _count(frames, index, floor, below, block_floor, offset, limit, dark, gain_i
     ``floor``: the per-pixel candidate floor (331776,) uint16; ``below``: ``floor - 1``
     as the integer path reads it (:func:`_integer_maxima`; a uint16 value on the float
     path, not read); ``block_floor``: its
-    minimum over each block of ``BLOCK`` pixels; ``offset``: ``floor(bg) + 1``;
+    minimum over each block of ``BLOCK`` pixels (read on the integer path only); ``offset``: ``floor(bg) + 1``;
     ``limit``: ``ceil(xr) - offset`` as uint16 (the integer path's);
     ``dark``, ``gain_inv``: float32 (331776,) or None; ``scales``: row-dark factors
     (n, 576, 2) or None; ``bg``, ``xr``: the thresholds (float64), ``low``, ``high``:
