@@ -372,12 +372,17 @@ def bench_count_command(cfg: Config, folder: Path, log) -> dict:
             raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}): {proc.stderr[-1500:]}")
         return proc.stdout
 
+    batches = set()     # the frames a batch the command chose
+
     def wall(name, cmd):
         def run_once():
             printed = run(cmd)
-            steps.setdefault(name, []).append(
-                open_counted(output).metadata["fourdstream"]["timings"]["count"] if "ours" in name
-                else float(printed))
+            if "ours" in name:
+                made = open_counted(output).metadata["fourdstream"]
+                steps.setdefault(name, []).append(made["timings"]["count"])
+                batches.add(int(made["frames_per_batch"]))
+            else:
+                steps.setdefault(name, []).append(float(printed))
         return name, run_once
 
     runs = dict([wall("read_seconds", read(cpus)), wall("read_1_thread_seconds", read(1)),
@@ -388,7 +393,8 @@ def bench_count_command(cfg: Config, folder: Path, log) -> dict:
     seconds = _interleaved(runs, min(cfg.repeats, 3),
                            before={name: lambda: still_cached.append(_evict(files))
                                    for name in runs if name.startswith("cold_")})
-    out = {"frames": sim.n_frames, "cpus": cpus, **{k: _stats(v) for k, v in seconds.items()},
+    out = {"frames": sim.n_frames, "cpus": cpus, "frames_per_batch": sorted(batches),
+           **{k: _stats(v) for k, v in seconds.items()},
            "cold_still_cached": None if None in still_cached else max(still_cached)}
     step = {name: _stats(v[1:]) for name, v in steps.items()}    # after the warm-up round
     out["counting_step_1_thread_seconds"] = step["ours_1_thread_seconds"]
@@ -890,7 +896,8 @@ def table(record: dict) -> str:
             row("counting, cupy (GPU)", f"{_rate(c['cupy_fps']):,.0f} frames/s", "", "")
     if "count_command" in st:
         k = st["count_command"]
-        row(f"fourdstream count, {k['frames']:,} frames, {k['cpus']} threads",
+        batch = f", {'/'.join(map(str, k['frames_per_batch']))} frames a batch" if "frames_per_batch" in k else ""
+        row(f"fourdstream count, {k['frames']:,} frames, {k['cpus']} threads{batch}",
             f"{_seconds(k['ours_seconds']):.2f} s", f"numpy read of the files, 1 or {k['cpus']} threads "
             f"{k['read_ceiling_seconds']:.2f} s", bounded(k['ratio_to_read']))
         if "cold_ours_seconds" in k:

@@ -150,8 +150,9 @@ counting_options = _option_group(
                      help="Counting kernel: cpu = compiled (numba), gpu = CuPy, numpy = the "
                           "array-module reference; auto = gpu if a CUDA device answers, else cpu."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Frames counted per batch. Default: 32 when receiving, 8 when counting "
-                          "files (a batch read from files stays in the CPU cache until counted)."),
+                     help="Frames counted per batch. Default: 32 when receiving; when counting files, "
+                          "as many as fit in half of a CPU's share of its last-level cache, "
+                          "8 to 32 (a batch read from files stays in the cache until counted)."),
         click.option("--virtual-detectors", default=None, metavar="CX,CY,BF,ADF_IN,ADF_OUT",
                      help="The scan images' virtual detectors, whole pixels: centre, BF disc radius, "
                           "ADF ring radii. Default: found from each scan's summed pattern."),
@@ -294,7 +295,7 @@ def offline_provenance(result, options, comm, threads: int = 1) -> dict:
         **frame_accounting(result.scan.geometry.n_frames, s["frames_complete"],
                            s["frames_incomplete"]),
         duplicate_sectors=s["duplicate_sectors"], bad_records=s["bad_records"],
-        ranks=comm.size, threads_per_rank=threads,
+        ranks=comm.size, threads_per_rank=threads, frames_per_batch=result.batch_size,
         timings={k: comm.allreduce(v, op=_max()) for k, v in result.timings.items()})
 
 
@@ -319,7 +320,7 @@ def _print_count_summary(result, report, provenance: dict, seconds: float) -> No
         "bad records": f"{provenance['bad_records']} (+{provenance['duplicate_sectors']} "
                        f"duplicate sectors)",
         "ranks": f"{provenance['ranks']} x {provenance['threads_per_rank']} counting thread(s), "
-                 f"{result.backend}",
+                 f"{result.batch_size} frames a batch, {result.backend}",
         "time": f"{seconds:.2f} s: counting {n / max(count_s, 1e-9):,.0f} frames/s, write "
                 f"{report.seconds_collective:.2f} s "
                 f"({'parallel HDF5' if report.parallel else 'serial h5py, rank by rank'}), "

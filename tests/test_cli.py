@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -92,8 +94,6 @@ def test_receive_help_states_the_memory_bound_the_receiver_uses():
 
 
 def test_count_uses_the_cores_available_by_default(small_scan, tmp_path):
-    import os
-
     from fourdstream.io import open_counted
 
     folder, _, _ = small_scan
@@ -121,7 +121,6 @@ def test_a_process_no_launcher_started_uses_shared_memory_mpi_unless_told():
     """Without mpiexec/srun a command is an MPI job of one rank: Open MPI's point-to-point
     layer is ob1 (no search for a network, 0.2 s), unless the user set one; under a
     launcher nothing is changed."""
-    import os
     import subprocess
     import sys
 
@@ -176,7 +175,6 @@ def test_the_program_runs_blas_on_the_calling_thread():
     """The program loads numpy with BLAS on one thread (no pool of BLAS threads to spin on
     the cores the ranks count on), and passes that on to the processes it starts; a value
     the user gave is kept."""
-    import os
     import subprocess
     import sys
 
@@ -198,8 +196,9 @@ def test_the_program_runs_blas_on_the_calling_thread():
 
 
 def test_batch_size_defaults_are_the_ones_help_states(small_scan):
-    """`--batch-size` unset: count reads and counts 8 frames at a time, the receiver 32."""
-    from fourdstream.offline import READ_BATCH, count_raw_scan
+    """`--batch-size` unset: count reads and counts the frames that fit in half of a CPU's
+    share of the last-level cache, 8 to 32, at a time; the receiver 32."""
+    from fourdstream.offline import READ_BATCH, count_raw_scan, last_level_cache, read_batch
     from fourdstream.pipeline import CountingOptions, ScanCounting
     from fourdstream.rawfile import RawScan
     from fourdstream.receive import RECEIVE_BATCH
@@ -207,8 +206,42 @@ def test_batch_size_defaults_are_the_ones_help_states(small_scan):
     folder, _, _ = small_scan
     scan = RawScan([folder])
     batches = []
-    count_raw_scan(scan, ScanCounting(CountingOptions(background_threshold=28, xray_threshold=700)),
-                   progress=batches.append)
-    assert READ_BATCH == 8 and batches == [8] * (len(scan) // 8) + [len(scan) % 8]
+    result = count_raw_scan(scan, ScanCounting(CountingOptions(background_threshold=28,
+                                                               xray_threshold=700)),
+                            progress=batches.append)
+    size = read_batch(last_level_cache())
+    assert READ_BATCH == (8, 32) and 8 <= size <= 32 and result.batch_size == size
+    assert batches == [size] * (len(scan) // size) + [len(scan) % size] * (len(scan) % size > 0)
     text = " ".join(invoke("receive", "--help").output.split())
-    assert RECEIVE_BATCH == 32 and "Default: 32 when receiving, 8 when counting files" in text
+    assert RECEIVE_BATCH == 32 and "Default: 32 when receiving; when counting files, as many as fit " \
+        "in half of a CPU's share of its last-level cache, 8 to 32" in text
+
+
+def test_the_read_batch_follows_the_last_level_cache(tmp_path):
+    """The default batch of `count` from the cache Linux describes: half of one CPU's share
+    of the last-level data cache in 663,552-byte frames, 8 to 32; 8 when it is unknown."""
+    from fourdstream.offline import last_level_cache, read_batch
+
+    def cpu_caches(*caches):      # (level, type, size, shared_cpu_list) for each index
+        root = tmp_path / f"sys{len(list(tmp_path.iterdir()))}"
+        for cpu in sorted(os.sched_getaffinity(0)):
+            for k, (level, kind, size, shared) in enumerate(caches):
+                index = root / f"cpu{cpu}" / "cache" / f"index{k}"
+                index.mkdir(parents=True)
+                for name, value in (("level", level), ("type", kind), ("size", size),
+                                    ("shared_cpu_list", shared)):
+                    (index / name).write_text(f"{value}\n")
+        return str(root)
+
+    l1 = [(1, "Data", "48K", "0"), (1, "Instruction", "64K", "0"), (2, "Unified", "2048K", "0")]
+    intel = cpu_caches(*l1, (3, "Unified", "491520K", "0-1"))      # this project's CI VM
+    assert last_level_cache(intel) == (491520 << 10, 2)
+    assert read_batch(last_level_cache(intel)) == 32               # 368 frames fit: at most 32
+    epyc = cpu_caches(*l1, (3, "Unified", "32M", "0-7,64-71"))     # a Zen 3 CCX, 16 CPUs
+    assert last_level_cache(epyc) == (32 << 20, 16)
+    assert read_batch(last_level_cache(epyc)) == 8                 # 1 MB a CPU: 1 frame, at least 8
+    assert read_batch((16 << 20, 1)) == 12                         # 8 MB: 12 frames of 0.66 MB
+    assert read_batch((1 << 30, 1)) == 32
+    assert last_level_cache(str(tmp_path / "nowhere")) is None and read_batch(None) == 8
+    no_size = cpu_caches((2, "Unified", "", "0"))
+    assert last_level_cache(no_size) is None and read_batch(last_level_cache(no_size)) == 8
