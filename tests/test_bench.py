@@ -40,6 +40,10 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
     assert set(c["by_dose"]) == {"15", "150", "1500"}
     for figures in c["by_dose"].values():
         assert {"plain", "dark", "dark+gain"} <= set(figures) and _is_stats(figures["memory_pass_fps"])
+        assert set(figures["reads_fps"]) == {"numpy max", "compiled read", "compiled read, prefetched"}
+    # One memory pass for every dose: the fastest read of any dose (the same bytes' size)
+    reads = [r for f in c["by_dose"].values() for r in f["reads_fps"].values()]
+    assert all(f["memory_pass_fps"] == max(reads, key=lambda r: r["max"]) for f in c["by_dose"].values())
     assert c["compile_seconds"]["uncached"] > 0 and c["compile_seconds"]["cached"] > 0
     assert c["prefetch"] == {"cpu": compiled.TARGET_CPU, "locality": compiled.PREFETCH_LOCALITY}
     assert f"for CPU {compiled.TARGET_CPU}, prefetch locality {compiled.PREFETCH_LOCALITY}" in bench.table(record)
