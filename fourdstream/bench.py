@@ -3,15 +3,17 @@
 Stages and their ceilings (each measured in the same run, right next to the stage):
 
 * **counting**: the compiled kernel's frames/s on one core at 15, 150 and 1,500
-  electrons/frame, plain, with a dark, with a dark and a gain, vs one read of the
-  same frames (the faster of numpy's ``frames.max()`` and a compiled pass), and vs
+  electrons/frame, plain, with a dark, with a dark and a gain, vs one read of as
+  many frames (the fastest of numpy's ``frames.max()`` and a compiled pass, timed on
+  every dose's frames), and vs
   stempy's ``electron_count_frame``; the kernel's compilation, uncached and cached;
 * **count command**: ``fourdstream count`` on raw files, process start to file
   closed, vs stempy's threaded count of the same files and vs numpy reading them
   (the faster of 1 and all threads; from the disk also twice as many threads), with
   the files in the page cache and again read from the disk (evicted from the page
-  cache before each run, as a production scan's are); 1 vs all threads, vs the same read's 1 vs all threads (the command
-  reads every byte, so it cannot gain more from threads than reading does);
+  cache before each run, as a production scan's are); 1 vs all threads, vs the same
+  read's 1 vs all threads (the command reads every byte, so it cannot gain more from
+  threads than reading does);
 * **index**: the raw files' index (:class:`~fourdstream.rawfile.RawScan`, what
   ``fourdstream count`` builds first) of a 256x256 scan (512x512 with ``--full``;
   header-only files, the sector payloads left as holes) on 1, 2 and 4 ranks, the
@@ -911,7 +913,8 @@ def table(record: dict) -> str:
             row("counting, cupy (GPU)", f"{_rate(c['cupy_fps']):,.0f} frames/s", "", "")
     if "count_command" in st:
         k = st["count_command"]
-        batch = f", {'/'.join(map(str, k['frames_per_batch']))} frames a batch" if "frames_per_batch" in k else ""
+        batch = (f", {'/'.join(map(str, k['frames_per_batch']))} frames a batch"
+                 if "frames_per_batch" in k else "")      # not in the records before run J
         row(f"fourdstream count, {k['frames']:,} frames, {k['cpus']} threads{batch}",
             f"{_seconds(k['ours_seconds']):.2f} s", f"numpy read of the files, 1 or {k['cpus']} threads "
             f"{k['read_ceiling_seconds']:.2f} s", bounded(k['ratio_to_read']))
