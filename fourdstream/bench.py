@@ -785,8 +785,8 @@ def sizing(record: dict, cores_per_node: int, network_gbit_per_node: float = NET
     out = {"frame_rate_fps": frame_rate, "gbit_per_s": gbit, "cores_per_node": cores_per_node,
            "network_gbit_per_node": network_gbit_per_node, "stages": {}, "single_rank": {}}
 
-    def need(rate: float) -> dict:
-        ranks = int(np.ceil(frame_rate / rate))
+    def need(rate: float) -> dict:      # a rate 10x another is 10 ranks, not 11 by rounding
+        ranks = int(np.ceil(round(frame_rate / rate, 9)))
         return {"frames_per_s_per_core": rate, "ranks": ranks,
                 "nodes": int(np.ceil(ranks / cores_per_node))}
 

@@ -121,6 +121,11 @@ def test_sizing_states_its_inputs_and_counts_the_network(record):
     per_core = record["stages"]["counting"]["compiled_fps"]["median"]
     ten = bench.sizing(record, 128, frame_rate=per_core * 10)
     assert ten["single_rank"]["counting"]["ranks"] == 10 and "counting" not in ten["stages"]
+    rounded = json.loads(json.dumps(record))       # 10 x 1001.2 / 1001.2 is 10.000000000000002
+    rounded["stages"]["counting"]["compiled_fps"]["median"] = 1001.2000000000003
+    assert 1001.2000000000003 * 10 / 1001.2000000000003 > 10
+    assert bench.sizing(rounded, 128, frame_rate=1001.2000000000003 * 10)["single_rank"]["counting"]["ranks"] == 10
+    assert bench.sizing(rounded, 128, frame_rate=1001.2 * 10.001)["single_rank"]["counting"]["ranks"] == 11
     busy = json.loads(json.dumps(record))
     for r in busy["stages"]["scaling"]["ranks"].values():
         r["rank_concurrency"]["median"], r["full_fps"]["median"] = 0.95, 100.0 * int(r["ranks"])
