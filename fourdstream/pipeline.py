@@ -43,7 +43,7 @@ class CountingOptions:
     gain: str | None = None
     row_dark: str | None = None
     backend: str = "auto"
-    batch_size: int | None = None        #: None: RECEIVE_BATCH or READ_BATCH, by command
+    batch_size: int | None = None        #: None: RECEIVE_BATCH, or offline.read_batch by the CPU cache
     virtual_detectors: str | None = None   #: "CX,CY,BF,ADF_IN,ADF_OUT" pixels, or found per scan
 
     def __post_init__(self):
