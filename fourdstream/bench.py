@@ -76,7 +76,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .detector import FRAME_PIXELS, SECTOR_BYTES
+from .detector import FRAME_BYTES, FRAME_PIXELS, SECTOR_BYTES
 from .launch import launcher
 from .transport import free_port_block
 
@@ -726,7 +726,7 @@ def _scale_run(scan: str, ranks: int, folder: Path, rate: float = 0.0) -> dict:
     return {"frames": s["frames"], "expected": s["expected"], "missing": s["missing"],
             "file_bytes": size, "raw_file_write_seconds": raw,
             "incomplete": s["incomplete"], "seconds": s["seconds"], "wall_seconds": wall,
-            "fps": s["frames"] / s["seconds"], "gbps": s["frames"] * 2 * FRAME_PIXELS / s["seconds"] / 1e9,
+            "fps": s["frames"] / s["seconds"], "gbps": s["frames"] * FRAME_BYTES / s["seconds"] / 1e9,
             "latency": s["latency"], "latency_received": s["latency_received"],
             "turnaround": s["steps"], "rank_concurrency": s["rank_concurrency"],
             "peak_rss_mb": s["peak_rss_mb"], "memory_bound_mb": s["memory_bound_mb"]}
@@ -781,7 +781,7 @@ def sizing(record: dict, cores_per_node: int, network_gbit_per_node: float = NET
     """
     cpus = record["machine"]["cpu_count"]
     st = record["stages"]
-    gbit = frame_rate * FRAME_PIXELS * 2 * 8 / 1e9
+    gbit = frame_rate * FRAME_BYTES * 8 / 1e9
     out = {"frame_rate_fps": frame_rate, "gbit_per_s": gbit, "cores_per_node": cores_per_node,
            "network_gbit_per_node": network_gbit_per_node, "stages": {}, "single_rank": {}}
 

@@ -34,6 +34,7 @@ PIXEL_DTYPE = np.dtype("<u2")
 
 SECTOR_PIXELS = FRAME_PIXELS // N_SECTORS
 SECTOR_BYTES = SECTOR_PIXELS * PIXEL_DTYPE.itemsize  # 165,888 bytes
+FRAME_BYTES = FRAME_PIXELS * PIXEL_DTYPE.itemsize    # 663,552 bytes
 
 #: 16-byte little-endian record header of raw files (versions 3, 4, 5).
 HEADER_DTYPE = np.dtype(

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibrate import Calibration
-from .detector import FRAME_PIXELS, FRAME_SHAPE, PIXEL_DTYPE
+from .detector import FRAME_BYTES, FRAME_SHAPE, PIXEL_DTYPE
 from .pipeline import ScanCounting
 from .rawfile import RawScan
 from .route import DEFAULT_CHUNK, owner
@@ -53,8 +53,7 @@ def read_batch(cache: tuple[int, int] | None) -> int:
     if cache is None:
         return fewest
     size, sharing = cache
-    frame_bytes = FRAME_PIXELS * np.dtype(PIXEL_DTYPE).itemsize
-    return min(max(size // max(sharing, 1) // 2 // frame_bytes, fewest), most)
+    return min(max(size // max(sharing, 1) // 2 // FRAME_BYTES, fewest), most)
 
 
 def last_level_cache(root: str = "/sys/devices/system/cpu") -> tuple[int, int] | None:

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .detector import FRAME_PIXELS, N_SECTORS, PIXEL_DTYPE, ScanGeometry, parse_scan_size
+from .detector import FRAME_BYTES, N_SECTORS, ScanGeometry, parse_scan_size
 from .route import DEFAULT_CHUNK, check_chunk, owner
 from .transport import expand
 
 #: The 4D Camera's frame rate (frames/s).
 DETECTOR_FPS = 87_000
-FRAME_BITS = FRAME_PIXELS * PIXEL_DTYPE.itemsize * 8
+FRAME_BITS = FRAME_BYTES * 8
 
 
 @dataclasses.dataclass

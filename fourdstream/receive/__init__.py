@@ -46,7 +46,7 @@ import traceback
 
 from .. import compiled
 from ..assembly import FramePool, Ledger
-from ..detector import FRAME_PIXELS, SECTOR_BYTES
+from ..detector import FRAME_BYTES, SECTOR_BYTES
 from ..live import LiveState, Publisher
 from ..pipeline import CountingOptions, ScanCounting
 from ..session import Journal
@@ -87,7 +87,7 @@ def memory_bound_mb(window: int, hwm: int, batch_size: int, threads: int = 1,
     (:data:`~fourdstream.io.VLEN_EVENTS` events and their descriptors: 70 MB,
     counted for every rank) + :data:`BASE_RSS_MB`.
     """
-    frame_mb = 2 * FRAME_PIXELS / 1e6
+    frame_mb = FRAME_BYTES / 1e6
     return (BASE_RSS_MB + pool_frames(window, batch_size, threads) * frame_mb
             + 4 * hwm * SECTOR_BYTES / 1e6 + 3 * sample_frames + 70 + 40 * events / 1e6)
 
