@@ -5,8 +5,8 @@ Stages and their ceilings (each measured in the same run, right next to the stag
 * **counting**: the compiled kernel's frames/s on one core at 15, 150 and 1,500
   electrons/frame, plain, with a dark, with a dark and a gain, vs one read of as
   many frames (the fastest of numpy's ``frames.max()`` and a compiled pass, timed on
-  every dose's frames), and vs
-  stempy's ``electron_count_frame``; the kernel's compilation, uncached and cached;
+  every dose's frames), and vs stempy's ``electron_count_frame``; the kernel's
+  compilation, uncached and cached;
 * **count command**: ``fourdstream count`` on raw files, process start to file
   closed, vs stempy's threaded count of the same files and vs numpy reading them
   (the faster of 1 and all threads; from the disk also twice as many threads), with
@@ -199,10 +199,11 @@ def bench_counting(cfg: Config, log) -> dict:
     out["thresholds"] = {"plain": [plain.background, plain.xray],
                          "with_dark": [darkened.background, darkened.xray]}
     reads = ("numpy max", "compiled read", "compiled read, prefetched")
+    variants = ("plain", "dark", "dark+gain")
     for dose, sim in sims.items():
         frames = sim.frames(0, n)[0]
-        counters = {"plain": CompiledCounter(plain), "dark": CompiledCounter(darkened, sim.dark),
-                    "dark+gain": CompiledCounter(darkened, sim.dark, gain)}
+        counters = dict(zip(variants, (CompiledCounter(plain), CompiledCounter(darkened, sim.dark),
+                                       CompiledCounter(darkened, sim.dark, gain))))
         fns = dict(zip(reads, (lambda: frames.max(axis=(1, 2)), lambda: read_pass(frames),
                                lambda: read_pass(frames, prefetch=True))),
                    **{v: functools.partial(c.count, frames) for v, c in counters.items()})
@@ -217,8 +218,7 @@ def bench_counting(cfg: Config, log) -> dict:
                                                                         cfg.repeats))
             headline = (frames, sim.dark, counters["dark"])
         log(f"counting, {dose} e-/frame: " + ", ".join(
-            f"{v} {figures[v]['compiled_fps']['median']:,.0f} frames/s" for v in ("plain", "dark",
-                                                                                "dark+gain")))
+            f"{v} {figures[v]['compiled_fps']['median']:,.0f} frames/s" for v in variants))
     # The ceiling: the fastest of the reads at any dose. A read's speed does not depend on
     # the pixels' values (no block reaches 0xFFFF), and each dose's frames have the same size
     # and layout, so the three doses' reads are three measures of one memory pass: the
@@ -227,7 +227,7 @@ def bench_counting(cfg: Config, log) -> dict:
     memory = max((f["reads_fps"][r] for f in out["by_dose"].values() for r in reads), key=_rate)
     for figures in out["by_dose"].values():
         figures["memory_pass_fps"] = memory
-        for variant in ("plain", "dark", "dark+gain"):
+        for variant in variants:
             figures[variant]["ratio_to_memory_pass"] = _rate(figures[variant]["compiled_fps"]) / _rate(memory)
     frames, dark, counter = headline
     out["threads"] = _counting_threads(frames, counter, repeats)

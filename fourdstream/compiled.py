@@ -414,8 +414,8 @@ def _count(frames, index, floor, below, block_floor, offset, limit, dark, gain_i
 
     ``floor``: the per-pixel candidate floor (331776,) uint16; ``below``: ``floor - 1``
     as the integer path reads it (:func:`_integer_maxima`; a uint16 value on the float
-    path, not read); ``block_floor``: its
-    minimum over each block of ``BLOCK`` pixels (read on the integer path only); ``offset``: ``floor(bg) + 1``;
+    path, not read); ``block_floor``: its minimum over each block of ``BLOCK`` pixels
+    (read on the integer path only); ``offset``: ``floor(bg) + 1``;
     ``limit``: ``ceil(xr) - offset`` as uint16 (the integer path's);
     ``dark``, ``gain_inv``: float32 (331776,) or None; ``scales``: row-dark factors
     (n, 576, 2) or None; ``bg``, ``xr``: the thresholds (float64), ``low``, ``high``:
