@@ -152,19 +152,24 @@ def test_dark_whose_floor_leaves_uint16_matches_dense_reference(Counter, dark_ra
         assert np.array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("use_gain", [False, True], ids=["integer-path", "float-path"])
 @pytest.mark.parametrize("dark_range,table", [((0, 25), np.uint8), ((200, 900), np.uint16)],
                          ids=["floors-in-a-byte", "floors-past-a-byte"])
-def test_integer_path_reads_a_floor_table_of_bytes_or_of_uint16(dark_range, table):
-    """The compiled kernel's integer path reads each pixel's floor - 1 from a table of
-    bytes where every floor is <= 256, else of uint16: both give the dense reference's
-    events, on frames with events and plateaus at the dark's level and well above it."""
+def test_kernel_reads_floor_tables_of_bytes_or_of_uint16(dark_range, table, use_gain):
+    """The compiled kernel compares each pixel with its floor (the float path) or its
+    floor - 1 (the integer path), read from a table of bytes where every value fits in
+    one, else of uint16: both give the dense reference's events, on frames with events
+    and plateaus at the dark's level and well above it."""
     rng = np.random.default_rng(13)
     dark = rng.uniform(*dark_range, (576, 576)).astype(np.float32)
+    gain = rng.uniform(0.9, 1.1, (576, 576)).astype(np.float32) if use_gain else None
     frames = (np.trunc(dark) + rng.poisson(4, (3, 576, 576))).astype(np.uint16)
     frames[:, ::29, ::31] += rng.integers(5, 400, frames[:, ::29, ::31].shape).astype(np.uint16)
-    counter = CompiledCounter(Thresholds(6.5, 300.0), dark)
-    assert counter._below.dtype == table
-    for ours, ref in zip(events_per_frame(counter, frames), dense_reference(frames, 6.5, 300.0, dark)):
+    counter = CompiledCounter(Thresholds(6.5, 300.0), dark, gain)
+    assert counter._floor_table.dtype == table
+    if not use_gain:
+        assert counter._below.dtype == table
+    for ours, ref in zip(events_per_frame(counter, frames), dense_reference(frames, 6.5, 300.0, dark, gain)):
         assert len(ref) > 1000 and np.array_equal(ours, ref)
 
 
@@ -356,28 +361,38 @@ def test_compiled_kernel_equals_the_array_module_kernel_and_stempy(dose, dark, g
 
 
 def test_block_compares_equal_numpy():
-    """The kernel's two 64-lane compares (LLVM intrinsics) against numpy, bit for bit,
-    unsigned to the top of the range."""
+    """The kernel's 64-lane compares (LLVM intrinsics) against numpy, bit for bit, unsigned
+    to the top of the range: against tables of uint16 and of bytes (zero-extended), and
+    against one value."""
     import numba
 
-    from fourdstream.compiled import _any_at_least, _at_least
+    from fourdstream.compiled import _above, _any_at_least, _at_least
 
     @numba.njit
-    def masks(pixels, floor, values):
-        out = np.empty((len(pixels) // 64, 2), np.uint64)
+    def masks(pixels, floor, floor8, values):
+        out = np.empty((len(pixels) // 64, 6), np.uint64)
         for b in range(len(pixels) // 64):
-            out[b, 0] = _at_least(pixels, b * 64, floor)
-            out[b, 1] = _any_at_least(pixels, b * 64, values[b])
+            start = b * 64
+            out[b] = (_at_least(pixels, start, floor), _at_least(pixels, start, floor8),
+                      _any_at_least(pixels, start, values[b]), _above(pixels, start, floor),
+                      _above(pixels, start, floor8), _above(pixels, start, values[b]))
         return out
 
     rng = np.random.default_rng(3)
-    pixels = rng.choice(np.array([0, 1, 27, 28, 29, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF], np.uint16), 64 * 200)
+    n = 200
+    pixels = rng.choice(np.array([0, 1, 27, 28, 29, 254, 255, 256, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF], np.uint16),
+                        64 * n)
     floor = rng.choice(np.array([0, 28, 0x8000, 0xFFFF], np.uint16), len(pixels))
-    values = rng.choice(np.array([0, 28, 0x8000, 0xFFFF], np.uint16), 200)
-    got = masks(pixels, floor, values)
+    floor8 = rng.choice(np.array([0, 1, 28, 128, 255], np.uint8), len(pixels))
+    values = rng.choice(np.array([0, 28, 0x8000, 0xFFFF], np.uint16), n)
+    got = masks(pixels, floor, floor8, values)
     weights = np.uint64(1) << np.arange(64, dtype=np.uint64)
-    at_least = ((pixels >= floor).reshape(200, 64) * weights).sum(axis=1, dtype=np.uint64)
-    above = (pixels.reshape(200, 64) >= values[:, None])
-    assert np.array_equal(got[:, 0], at_least)
-    assert np.array_equal(got[:, 1] != 0, above.any(axis=1))
-    assert np.array_equal(got[:, 1], (above * weights).sum(axis=1, dtype=np.uint64))
+
+    def bits(mask):
+        return (mask.reshape(n, 64) * weights).sum(axis=1, dtype=np.uint64)
+
+    per_block = np.repeat(values, 64)
+    expected = [bits(pixels >= floor), bits(pixels >= floor8), bits(pixels >= per_block),
+                bits(pixels > floor), bits(pixels > floor8), bits(pixels > per_block)]
+    for k, want in enumerate(expected):
+        assert np.array_equal(got[:, k], want), k
