@@ -170,9 +170,9 @@ def _python(*args) -> list[str]:
 # == stages =========================================================================
 def bench_counting(cfg: Config, log) -> dict:
     """Kernels per core at 15, 150 and 1,500 electrons/frame, plain, with a dark, with a dark and
-    a gain, against one read of as many frames: the fastest of numpy's ``max`` and the kernel's
-    own block test over every block, with and without its prefetch (:func:`read_pass`), each
-    timed on every dose's frames."""
+    a gain, against one read of as many frames: the fastest of numpy's ``max`` and a 64-lane
+    block test over every block, as the kernel's skip loop with nothing to count, with and
+    without its prefetch (:func:`read_pass`), each timed on every dose's frames."""
     from . import backend
     from .compiled import PREFETCH_LOCALITY, TARGET_CPU, CompiledCounter, read_pass
     from .counting import ElectronCounter, Thresholds

@@ -650,9 +650,11 @@ def _narrowest(table: np.ndarray) -> np.ndarray:
 
 def _float32_at_most(x: float) -> np.float32:
     """The largest float32 <= ``x``: for a float32 ``v``, ``v > x`` (compared in float64)
-    exactly when ``v > _float32_at_most(x)``."""
+    exactly when ``v > _float32_at_most(x)``. (Compared in float64 here: numpy >= 2 compares
+    a float32 with a Python float in float32.)"""
+    x = float(x)
     y = np.float32(x)
-    return y if y <= x else np.nextafter(y, np.float32(-np.inf))
+    return y if float(y) <= x else np.nextafter(y, np.float32(-np.inf))
 
 
 class CompiledCounter(ElectronCounter):

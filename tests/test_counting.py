@@ -188,19 +188,22 @@ def test_ties_across_blocks_and_row_ends_match_dense_reference(Counter, bg, xr):
         assert np.array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("kind", [float, np.float64], ids=["python-float", "numpy-float64"])
 @pytest.mark.parametrize("ulps", [-1, 0, 1])
-def test_gain_path_thresholds_compare_in_float64_one_ulp_either_side(Counter, ulps):
+def test_gain_path_thresholds_compare_in_float64_one_ulp_either_side(Counter, ulps, kind):
     """Values exactly at the thresholds and thresholds one float64 ulp either side of
     them: a float32 value passes ``bg < v < xr`` as the float64 compare says (the
     compiled kernel compares in float32 against the thresholds rounded outward; rounded
-    to nearest instead, 10.0 would fail a bg just below it)."""
+    to nearest instead, 10.0 would fail a bg just below it). The thresholds as Python
+    floats too (as the command line gives them), which numpy >= 2 compares with a
+    float32 in float32."""
     frames = np.zeros((1, 576, 576), np.uint16)
     frames[0, 100, 100:500:4] = 10
     frames[0, 200, 100:500:4] = 20
     frames[0, 300, 100:500:4] = 15
     frames[0, 301, 101:500:4] = 10          # each 15's neighbour, at bg
     step = np.inf if ulps > 0 else -np.inf
-    bg, xr = (10.0, 20.0) if ulps == 0 else (np.nextafter(10.0, step), np.nextafter(20.0, step))
+    bg, xr = (kind(t) if ulps == 0 else kind(np.nextafter(t, step)) for t in (10.0, 20.0))
     counter = Counter(Thresholds(bg, xr), None, np.ones((576, 576), np.float32))
     ours = events_per_frame(counter, frames)[0]
     assert np.array_equal(ours, dense_reference(frames, bg, xr, None, np.ones((576, 576)))[0])
@@ -396,3 +399,30 @@ def test_block_compares_equal_numpy():
                 bits(pixels > floor), bits(pixels > floor8), bits(pixels > per_block)]
     for k, want in enumerate(expected):
         assert np.array_equal(got[:, k], want), k
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_kernel_equals_the_array_module_kernel_on_random_set_ups(seed):
+    """Random set-ups, 8 each (seeded): sparse or dense frames with values added on the
+    frame's border rows and columns and on block edges, thresholds drawn as Python floats
+    (as the command line gives them), with or without a dark, a gain and row-dark. The
+    compiled kernel gives the array-module kernel's events, in order (a longer run of
+    this found the Python-float threshold case of the one-ulp test above)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(8):
+        frames = rng.poisson(rng.choice([0.5, 3.0, 20.0]), (3, 576, 576)).astype(np.uint16)
+        k = int(rng.integers(10, 3000))
+        rows = rng.choice([0, 1, 287, 288, 574, 575], (3, k))
+        cols = rng.choice([0, 1, 63, 64, 511, 512, 574, 575], (3, k))
+        at = np.where(rng.random((3, k)) < 0.3, rows * 576 + cols, rng.integers(0, 576 * 576, (3, k)))
+        for frame, pixels in zip(frames, at):
+            frame.ravel()[pixels] += rng.integers(1, 400, k).astype(np.uint16)
+        bg = float(rng.uniform(-1, 10))
+        thresholds = Thresholds(bg, bg + float(rng.uniform(5, 500)))
+        dark = rng.uniform(0, rng.choice([2, 25, 300]), (576, 576)).astype(np.float32) if rng.random() < 0.8 else None
+        gain = rng.uniform(0.5, 2, (576, 576)).astype(np.float32) if rng.random() < 0.6 else None
+        row_dark = "mean" if rng.random() < 0.1 else None
+        ours = CompiledCounter(thresholds, dark, gain, row_dark=row_dark).count(frames)
+        reference = ElectronCounter(thresholds, dark, gain, row_dark=row_dark).count(frames)
+        assert np.array_equal(ours[0], reference[0]) and np.array_equal(ours[1], reference[1]), \
+            (thresholds, dark is None, gain is None, row_dark)
