@@ -20,7 +20,9 @@ of 4 pixels, a vector each, with no branch on the values (on these sparse frames
 a mispredicted branch costs more than the arithmetic; :func:`_window_wins`); the
 lines of the dark and gain those windows read are asked for one block with
 candidates ahead (:func:`_count`). The frame's border pixels go one neighbour at
-a time (:func:`_block_events`).
+a time (:func:`_block_events`). With row-dark (a scale for each half-row of each
+frame) every pixel is a candidate, and a frame's values and maxima are computed
+whole, in vectorized loops (:func:`_row_dark_events`).
 While it scans, it asks for the frames' bytes ``AHEAD`` pixels before it reaches
 them (a software prefetch: non-temporal on AMD Zen, into the second-level cache
 elsewhere, :func:`prefetch_locality`), which keeps a core's reads of memory in
@@ -353,7 +355,7 @@ def _store_bits(wins, start, out, total):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr):
+def _value(raw, j, floor, offset, dark, gain_inv, bg, xr):
     """Thresholded value of pixel ``j``: its corrected value where ``bg < v < xr``, else 0.
 
     Which correction is compiled in follows the arguments' types (numba drops the
@@ -362,8 +364,7 @@ def _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr):
 
     * ``dark is None``: the integer path, exact through the candidate floor:
       ``v = raw - trunc(D) = raw - floor + offset`` and ``v > bg <=> raw >= floor``;
-    * else float32 ``(raw - dark) [* row-dark scale] [* gain_inv]``; with row-dark
-      clamped at 0 and compared in float32, as the reference does.
+    * else float32 ``(raw - dark) [* gain_inv]`` (row-dark: :func:`_row_dark_events`).
     """
     if dark is None:
         x = np.int32(raw[j])
@@ -371,46 +372,40 @@ def _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr):
         v = x - f + offset
         return np.float64(v) if (x >= f) & (v < xr) else 0.0
     w = np.float32(raw[j]) - dark[j]
-    if scale is not None:
-        r = j // FRAME_COLS
-        w = w * scale[r, (j - r * FRAME_COLS) // (FRAME_COLS // 2)]
     if gain_inv is not None:
         w = w * gain_inv[j]
-    if scale is not None:
-        w = max(w, np.float32(0))
-        return np.float64(w) if (np.float32(bg) < w) & (w < np.float32(xr)) else 0.0
     return np.float64(w) if (bg < w) & (w < xr) else 0.0
 
 
 @numba.njit(nogil=True, cache=True)
-def _block_events(raw, start, found, floor, offset, dark, gain_inv, scale, bg, xr, out, total):
+def _block_events(raw, start, found, floor, offset, dark, gain_inv, bg, xr, out, total):
     """The events among one block's candidates (bit k of ``found``: pixel ``start + k``),
     stored at ``out[total:]``; returns the new total. Each candidate's value is compared
     with the largest of its in-frame 8 neighbours' values, one neighbour at a time, with
     no branch on the values (on sparse frames a mispredicted branch costs more than the
-    arithmetic). For what the vector paths leave: the frame's first and last rows, its
-    first and last columns on the float path, and row-dark. A function of its own, not
-    inlined: a call there keeps the loop over the other blocks small (inlined, it made
-    the integer path 15 % slower at 1,500 e-/frame)."""
+    arithmetic). For what the vector paths leave: the frame's first and last rows, and
+    its first and last columns on the float path. A function of its own, not inlined:
+    a call there keeps the loop over the other blocks small (inlined, it made the
+    integer path 15 % slower at 1,500 e-/frame)."""
     while found:
         j = start + trailing_zeros(found)
         found &= found - np.uint64(1)
         row = j // FRAME_COLS
         col = j - row * FRAME_COLS
         inside = 0 < row < FRAME_ROWS - 1 and 0 < col < FRAME_COLS - 1
-        t = _value(raw, j, floor, offset, dark, gain_inv, scale, bg, xr)
+        t = _value(raw, j, floor, offset, dark, gain_inv, bg, xr)
         top_neighbour = 0.0
         if inside:
             for d in (-FRAME_COLS - 1, -FRAME_COLS, -FRAME_COLS + 1, -1, 1,
                       FRAME_COLS - 1, FRAME_COLS, FRAME_COLS + 1):
                 top_neighbour = max(top_neighbour, _value(raw, j + d, floor, offset, dark,
-                                                          gain_inv, scale, bg, xr))
+                                                          gain_inv, bg, xr))
         else:                 # a border pixel: neighbours outside the frame count as 0
             for rr in range(max(row - 1, 0), min(row + 2, FRAME_ROWS)):
                 for cc in range(max(col - 1, 0), min(col + 2, FRAME_COLS)):
                     if rr != row or cc != col:
                         top_neighbour = max(top_neighbour, _value(
-                            raw, rr * FRAME_COLS + cc, floor, offset, dark, gain_inv, scale, bg, xr))
+                            raw, rr * FRAME_COLS + cc, floor, offset, dark, gain_inv, bg, xr))
         if total < out.shape[0]:    # stored, and counted only if it is an event: no branch
             out[total] = j
         total += top_neighbour < t
@@ -447,6 +442,39 @@ def _prefetch_windows(window, gain_inv, start, found):
 
 
 @numba.njit(nogil=True, cache=True)
+def _row_dark_events(raw, dark, gain_inv, scale, bg, xr, values, out, total):
+    """The events of frame ``raw`` (331776,) with row-dark ``scale`` (576, 2), stored at
+    ``out[total:]``; returns the new total. With row-dark every pixel is a candidate, so
+    the frame is done whole, in two passes a row that LLVM vectorizes: each pixel's value
+    (:func:`_value`'s arithmetic, in float32) into ``values`` (578, 578) float32, whose
+    border stays 0 (a neighbour outside the frame, which no value > 0 can lose to), then
+    each value against the largest of its 8 neighbours: 580-640 frames/s on one core of
+    the Intel VM of 2026-11-28, where one pixel at a time ran at 35 (and numpy's
+    whole-frame reference at 100-120)."""
+    low, high = np.float32(bg), np.float32(xr)
+    half = FRAME_COLS // 2
+    for r in range(FRAME_ROWS):
+        for h in range(2):
+            s = scale[r, h]
+            for c in range(h * half, (h + 1) * half):
+                j = r * FRAME_COLS + c
+                w = (np.float32(raw[j]) - dark[j]) * s
+                if gain_inv is not None:
+                    w = w * gain_inv[j]
+                w = max(w, np.float32(0))
+                values[r + 1, c + 1] = w if (low < w) & (w < high) else np.float32(0)
+    for r in range(FRAME_ROWS):
+        above, own, below = values[r], values[r + 1], values[r + 2]
+        for c in range(FRAME_COLS):
+            top = max(max(max(above[c], above[c + 1]), max(above[c + 2], own[c])),
+                      max(max(own[c + 2], below[c]), max(below[c + 1], below[c + 2])))
+            if total < out.shape[0]:    # stored, and counted only if it is an event: no branch
+                out[total] = r * FRAME_COLS + c
+            total += own[c + 1] > top
+    return total
+
+
+@numba.njit(nogil=True, cache=True)
 def _count(frames, index, floor, below, offset, limit, dark, gain_inv, window, scales, bg, xr, low, high,
            out, offsets):
     """Events of the frames ``frames[index]`` into ``out``; ``offsets`` (n + 1,) filled.
@@ -479,15 +507,19 @@ def _count(frames, index, floor, below, offset, limit, dark, gain_inv, window, s
     candidates later, their window lines asked for in between (at 1,500 e-/frame with
     dark and gain, 0.61-0.64 of the memory pass against 0.59-0.62 when compared at once;
     an inlined function returning the pending candidates with the total, the same logic
-    ran at 0.45), or by :func:`_block_events` at the frame's borders.
+    ran at 0.45), or by :func:`_block_events` at the frame's borders. With row-dark
+    every pixel is a candidate: each frame goes to :func:`_row_dark_events` whole.
     """
     n = index.shape[0]
     total = 0
+    values = np.zeros((FRAME_ROWS + 2, FRAME_COLS + 2), np.float32) if scales is not None else None
     for i in range(n):
         offsets[i] = total
         raw = frames[index[i]]
+        if scales is not None:       # row-dark: every pixel is a candidate
+            total = _row_dark_events(raw, dark, gain_inv, scales[i], bg, xr, values, out, total)
+            continue
         following = frames[index[i + 1]] if i + 1 < n else raw
-        scale = None if scales is None else scales[i]
         pending, pending_start = np.uint64(0), 0        # the float path's candidates left to compare
         for b in range(FRAME_PIXELS // BLOCK):
             start = b * BLOCK
@@ -499,10 +531,10 @@ def _count(frames, index, floor, below, offset, limit, dark, gain_inv, window, s
                     # pending, their window lines asked for, and compared at the next block
                     # that holds a candidate or at the frame's end, when those lines have
                     # come; the pending ones first, so that the events stay in order. The
-                    # others (``first``, ``last``: a border's, or all with row-dark) go one
-                    # neighbour at a time, and the block's ``inner`` with them.
+                    # others (``first``, ``last``: a border's) go one neighbour at a time,
+                    # and the block's ``inner`` with them.
                     first = last = inner = np.uint64(0)
-                    if scale is None and FRAME_COLS < start and start + BLOCK + FRAME_COLS < FRAME_PIXELS:
+                    if FRAME_COLS < start and start + BLOCK + FRAME_COLS < FRAME_PIXELS:
                         col = start % FRAME_COLS
                         first = found & np.uint64(col == 0)                                          # column 0
                         last = found & (np.uint64(col == FRAME_COLS - BLOCK) << np.uint64(BLOCK - 1))   # 575
@@ -516,11 +548,11 @@ def _count(frames, index, floor, below, offset, limit, dark, gain_inv, window, s
                     if first | last:
                         pending = np.uint64(0)
                         if first:
-                            total = _block_events(raw, start, first, floor, offset, dark, gain_inv, scale, bg, xr,
+                            total = _block_events(raw, start, first, floor, offset, dark, gain_inv, bg, xr,
                                                   out, total)
                         total = _window_events(raw, start, inner, window, gain_inv, low, high, out, total)
                         if last:
-                            total = _block_events(raw, start, last, floor, offset, dark, gain_inv, scale, bg, xr,
+                            total = _block_events(raw, start, last, floor, offset, dark, gain_inv, bg, xr,
                                                   out, total)
             elif _above(raw, start, below):   # the integer path: a pixel reaches its floor
                 if FRAME_COLS < start and start + BLOCK + FRAME_COLS < FRAME_PIXELS:   # compared whole
@@ -530,7 +562,7 @@ def _count(frames, index, floor, below, offset, limit, dark, gain_inv, window, s
                     total = _store_bits(wins, start, out, total)
                 else:          # the first or last row: the candidates, one bit each
                     total = _block_events(raw, start, _at_least(raw, start, floor), floor, offset, dark,
-                                          gain_inv, scale, bg, xr, out, total)
+                                          gain_inv, bg, xr, out, total)
         if dark is not None and pending:
             total = _window_events(raw, pending_start, pending, window, gain_inv, low, high, out, total)
     offsets[n] = total
@@ -685,9 +717,7 @@ class CompiledCounter(ElectronCounter):
         self._window = (self._dark_f if self._gain is None else
                         np.stack([np.broadcast_to(self._dark_f, (FRAME_PIXELS,)),
                                   np.broadcast_to(self._gain, (FRAME_PIXELS,))], axis=1).ravel())
-        if row_dark is not None:     # every half-row has its own scale: every pixel is a candidate
-            floor = np.zeros(FRAME_PIXELS, np.uint16)
-        floor = np.ascontiguousarray(floor, np.uint16)
+        floor = np.ascontiguousarray(floor, np.uint16)     # (not read with row-dark)
         self._floor_table = _narrowest(floor)
         # The integer path reads floor - 1: one value where the floor is the same for every
         # pixel, else a table.

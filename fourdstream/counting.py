@@ -167,9 +167,9 @@ class ElectronCounter:
         pieces = []
         for start in range(0, n, self.chunk):
             part = frames[start:start + self.chunk]
-            if self.row_dark is not None:
+            if self.row_dark is not None:     # compared in float32, whatever the thresholds' type
                 v = self._row_dark_values(part).reshape(-1)
-                keep = (v > self.thresholds.background) & (v < self.thresholds.xray)
+                keep = (v > xp.float32(self.thresholds.background)) & (v < xp.float32(self.thresholds.xray))
                 tv = xp.where(keep, v, 0)
                 cand = xp.flatnonzero(keep)
                 pieces.append(_local_maxima(xp, cand, lambda i: tv[i]) + start * FRAME_PIXELS)

@@ -426,3 +426,20 @@ def test_compiled_kernel_equals_the_array_module_kernel_on_random_set_ups(seed):
         reference = ElectronCounter(thresholds, dark, gain, row_dark=row_dark).count(frames)
         assert np.array_equal(ours[0], reference[0]) and np.array_equal(ours[1], reference[1]), \
             (thresholds, dark is None, gain is None, row_dark)
+
+
+@pytest.mark.parametrize("kind", [float, np.float64], ids=["python-float", "numpy-float64"])
+def test_row_dark_compares_in_float32_whatever_the_thresholds_type(Counter, kind, monkeypatch):
+    """With row-dark the values are compared with the thresholds in float32, in both
+    kernels, whether the thresholds are Python floats or numpy float64 (numpy >= 2
+    compares a float32 with the latter in float64): a value of 10 against a bg one
+    float64 ulp below 10 (10 in float32) is not kept. The half-rows' scales are made 1."""
+    monkeypatch.setattr(ElectronCounter, "row_dark_scale",
+                        lambda self, frames: np.ones((len(frames), 576, 2), np.float32))
+    frames = np.zeros((1, 576, 576), np.uint16)
+    frames[0, 100, 100:500:4] = 10
+    frames[0, 200, 100:500:4] = 12
+    bg = kind(np.nextafter(10.0, -np.inf))
+    counter = Counter(Thresholds(bg, kind(100.0)), np.zeros((576, 576), np.float32), row_dark="mean")
+    ours = events_per_frame(counter, frames)[0]
+    assert ours.tolist() == [200 * 576 + c for c in range(100, 500, 4)]
