@@ -22,7 +22,7 @@ lines of the dark and gain those windows read are asked for one block with
 candidates ahead (:func:`_count`). The frame's border pixels go one neighbour at
 a time (:func:`_block_events`). With row-dark (a scale for each half-row of each
 frame) every pixel is a candidate, and a frame's values and maxima are computed
-whole, in vectorized loops (:func:`_row_dark_events`).
+whole, in two loops (:func:`_row_dark_events`).
 While it scans, it asks for the frames' bytes ``AHEAD`` pixels before it reaches
 them (a software prefetch: non-temporal on AMD Zen, into the second-level cache
 elsewhere, :func:`prefetch_locality`), which keeps a core's reads of memory in
@@ -445,8 +445,9 @@ def _prefetch_windows(window, gain_inv, start, found):
 def _row_dark_events(raw, dark, gain_inv, scale, bg, xr, values, out, total):
     """The events of frame ``raw`` (331776,) with row-dark ``scale`` (576, 2), stored at
     ``out[total:]``; returns the new total. With row-dark every pixel is a candidate, so
-    the frame is done whole, in two passes a row that LLVM vectorizes: each pixel's value
-    (:func:`_value`'s arithmetic, in float32) into ``values`` (578, 578) float32, whose
+    the frame is done whole, in two loops with no branch on the values: each pixel's
+    value, float32 ``max((raw - dark) * scale [* gain_inv], 0)`` kept where ``bg < v <
+    xr`` compared in float32 (as the reference), into ``values`` (578, 578) float32, whose
     border stays 0 (a neighbour outside the frame, which no value > 0 can lose to), then
     each value against the largest of its 8 neighbours: 580-640 frames/s on one core of
     the Intel VM of 2026-11-28, where one pixel at a time ran at 35 (and numpy's
