@@ -129,55 +129,48 @@ def _broadcast(builder, value, lanes=BLOCK):
                                   ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
+def _is_bound(t) -> bool:
+    """A block test's bound: a table (uint16 or uint8 1-D C array) or one uint16 value."""
+    return _is_pixels(t) or _is_bytes(t) or t == types.uint16
+
+
+def _bounds(context, builder, bound_type, bound, start):
+    """The 64 uint16 bounds of the block at ``start``: the table's (bytes zero-extended) or
+    the one value in every lane."""
+    if isinstance(bound_type, types.Array):
+        return builder.zext(_block(context, builder, bound_type, bound, start), ir.VectorType(ir.IntType(16), BLOCK))
+    return _broadcast(builder, bound)
+
+
 @intrinsic
 def _at_least(typingctx, pixels, start, floor):
-    """uint64 whose bit k says ``pixels[start + k] >= floor[start + k]``, k < 64: one vector
-    compare (C-contiguous 1-D arrays, ``pixels`` uint16, ``floor`` uint16 or uint8; the
-    caller keeps ``start + 64`` in range)."""
-    if not (_is_pixels(pixels) and (_is_pixels(floor) or _is_bytes(floor)) and isinstance(start, types.Integer)):
+    """uint64 whose bit k says ``pixels[start + k] >= floor[start + k]`` (``floor``: uint16
+    or uint8 1-D C array) or ``>= floor`` (a uint16 value), k < 64: one vector compare,
+    with no reduction (LLVM compiles a loop over 64 elements into 8 narrow steps: its
+    vector body is longer than the loop). ``pixels``: uint16 1-D C array; the caller
+    keeps ``start + 64`` in range. The float path's test of a block, and the ceiling's
+    (:func:`read_pass`)."""
+    if not (_is_pixels(pixels) and isinstance(start, types.Integer) and _is_bound(floor)):
         return None
 
     def codegen(context, builder, signature, args):
         ge = builder.icmp_unsigned(">=", _block(context, builder, signature.args[0], args[0], args[1]),
-                                   builder.zext(_block(context, builder, signature.args[2], args[2], args[1]),
-                                                ir.VectorType(ir.IntType(16), BLOCK)))
+                                   _bounds(context, builder, signature.args[2], args[2], args[1]))
         return builder.bitcast(ge, ir.IntType(BLOCK))
     return types.uint64(pixels, start, floor), codegen
 
 
 @intrinsic
-def _any_at_least(typingctx, pixels, start, value):
-    """Nonzero if any of ``pixels[start:start + 64]`` is >= ``value`` (uint16): one vector
-    compare against the value broadcast, with no reduction (LLVM compiles a loop over 64
-    elements into 8 narrow steps: its vector body is longer than the loop). The
-    ceiling's block test (:func:`read_pass`)."""
-    if not (_is_pixels(pixels) and isinstance(start, types.Integer) and value == types.uint16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        ge = builder.icmp_unsigned(">=", _block(context, builder, signature.args[0], args[0], args[1]),
-                                   _broadcast(builder, args[2]))
-        return builder.bitcast(ge, ir.IntType(BLOCK))
-    return types.uint64(pixels, start, value), codegen
-
-
-@intrinsic
 def _above(typingctx, pixels, start, below):
-    """uint64 whose bit k says ``pixels[start + k] > below[start + k]`` (``below``: uint8 or
-    uint16 1-D C array) or ``> below`` (a uint16 value), k < 64: one vector compare. The
-    integer path's test of a block, against each pixel's ``floor - 1``."""
-    if not (_is_pixels(pixels) and isinstance(start, types.Integer)
-            and (_is_pixels(below) or _is_bytes(below) or below == types.uint16)):
+    """:func:`_at_least` with ``>``: the integer path's test of a block, against each
+    pixel's ``floor - 1``."""
+    if not (_is_pixels(pixels) and isinstance(start, types.Integer) and _is_bound(below)):
         return None
 
     def codegen(context, builder, signature, args):
-        vector = ir.VectorType(ir.IntType(16), BLOCK)
-        x = _block(context, builder, signature.args[0], args[0], args[1])
-        if isinstance(signature.args[2], types.Array):
-            limit = builder.zext(_block(context, builder, signature.args[2], args[2], args[1]), vector)
-        else:
-            limit = _broadcast(builder, args[2])
-        return builder.bitcast(builder.icmp_unsigned(">", x, limit), ir.IntType(BLOCK))
+        gt = builder.icmp_unsigned(">", _block(context, builder, signature.args[0], args[0], args[1]),
+                                   _bounds(context, builder, signature.args[2], args[2], args[1]))
+        return builder.bitcast(gt, ir.IntType(BLOCK))
     return types.uint64(pixels, start, below), codegen
 
 
@@ -201,23 +194,19 @@ def _integer_maxima(typingctx, pixels, start, below, limit, first, last):
     computed, not 9. ``first``/``last``: the block starts/ends a row (its first/last
     pixel has no left/right neighbours).
     """
-    if not (_is_pixels(pixels) and (_is_pixels(below) or _is_bytes(below) or below == types.uint16)
-            and isinstance(start, types.Integer) and limit == types.uint16
-            and first == types.boolean and last == types.boolean):
+    if not (_is_pixels(pixels) and _is_bound(below) and isinstance(start, types.Integer)
+            and limit == types.uint16 and first == types.boolean and last == types.boolean):
         return None
 
     def codegen(context, builder, signature, args):
         raw, begin, lowest, most, is_first, is_last = args
         vector = ir.VectorType(ir.IntType(16), BLOCK)
         zero, bound = ir.Constant(vector, None), _broadcast(builder, most)
-        table = isinstance(signature.args[2], types.Array)
-        uniform = None if table else _broadcast(builder, lowest)
 
         def rank(shift):
             at = builder.add(begin, ir.Constant(begin.type, shift))
             x = _block(context, builder, signature.args[0], raw, at)
-            below = (builder.zext(_block(context, builder, signature.args[2], lowest, at), vector)
-                     if table else uniform)       # zext: a no-op on uint16
+            below = _bounds(context, builder, signature.args[2], lowest, at)
             r = builder.select(builder.icmp_unsigned(">", x, below), builder.sub(x, below), zero)
             return builder.select(builder.icmp_unsigned("<=", r, bound), r, zero)
 
@@ -654,7 +643,7 @@ def _blocks_at_least(frames, block_floor, prefetch):
             start = b * BLOCK
             if prefetch:
                 _prefetch_block(raw, following, start + AHEAD)
-            if not _any_at_least(raw, start, block_floor[b]):   # a branch, as the kernel's skip
+            if not _at_least(raw, start, block_floor[b]):   # a branch, as the kernel's skip
                 continue
             blocks += 1
     return blocks

@@ -369,7 +369,7 @@ def test_block_compares_equal_numpy():
     against one value."""
     import numba
 
-    from fourdstream.compiled import _above, _any_at_least, _at_least
+    from fourdstream.compiled import _above, _at_least
 
     @numba.njit
     def masks(pixels, floor, floor8, values):
@@ -377,7 +377,7 @@ def test_block_compares_equal_numpy():
         for b in range(len(pixels) // 64):
             start = b * 64
             out[b] = (_at_least(pixels, start, floor), _at_least(pixels, start, floor8),
-                      _any_at_least(pixels, start, values[b]), _above(pixels, start, floor),
+                      _at_least(pixels, start, values[b]), _above(pixels, start, floor),
                       _above(pixels, start, floor8), _above(pixels, start, values[b]))
         return out
 
