@@ -169,3 +169,31 @@ def test_kernel_and_its_ceiling_ask_for_the_frames_ahead_with_this_cpus_hint(tmp
     found = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
                            text=True).stdout
     assert all(n >= 2 for n in json.loads(found)), found        # a block's two 64-byte lines
+
+
+def test_gain_kernel_asks_for_its_windows_dark_and_gain_ahead(tmp_path):
+    """The README's "from one table that holds each pixel's dark and gain side by side,
+    whose lines it asks for ... before it compares them": with a gain, the table is the
+    dark and the gain interleaved, and the kernel's LLVM IR holds prefetches of its three
+    window rows beyond the frames' own (those of the kernel with a dark only)."""
+    from fourdstream.compiled import PREFETCH_LOCALITY, CompiledCounter
+    from fourdstream.counting import Thresholds
+
+    rng = np.random.default_rng(2)
+    dark = rng.uniform(0, 20, (576, 576)).astype(np.float32)
+    gain = rng.uniform(0.8, 1.25, (576, 576)).astype(np.float32)
+    counter = CompiledCounter(Thresholds(20.0, 600.0), dark, gain)
+    assert np.array_equal(counter._window.reshape(576 * 576, 2),
+                          np.stack([dark.ravel(), (np.float32(1) / gain).ravel()], axis=1))
+    hint = f"i32 0, i32 {PREFETCH_LOCALITY}, i32 1"
+    code = ("import re, numpy as np; from fourdstream import compiled; "
+            "from fourdstream.counting import Thresholds; "
+            "d = np.full((576, 576), 3.5, np.float32); "
+            "compiled.CompiledCounter(Thresholds(20, 600), d).count(np.zeros((2, 576, 576), np.uint16)); "
+            "compiled.CompiledCounter(Thresholds(20, 600), d, d).count(np.zeros((2, 576, 576), np.uint16)); "
+            "print([len(re.findall(r'call void @llvm\\.prefetch\\S*\\(ptr [^,]+, " + hint + "\\)', ir)) "
+            "for ir in compiled._count.inspect_llvm().values()])")
+    env = {"NUMBA_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}    # compiled here: inspectable
+    dark_only, with_gain = json.loads(subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                                     capture_output=True, text=True).stdout)
+    assert with_gain >= dark_only + 3, (dark_only, with_gain)
