@@ -230,6 +230,7 @@ def bench_counting(cfg: Config, log) -> dict:
         for variant in variants:
             figures[variant]["ratio_to_memory_pass"] = _rate(figures[variant]["compiled_fps"]) / _rate(memory)
     frames, dark, counter = headline
+    out["row_dark"] = _row_dark_counting(frames, dark, darkened, cfg, repeats, memory)
     out["threads"] = _counting_threads(frames, counter, repeats)
     c = out["by_dose"]["150"]
     out["compiled_fps"] = c["dark"]["compiled_fps"]
@@ -256,6 +257,27 @@ def bench_counting(cfg: Config, log) -> dict:
             chosen.xp.cuda.Device().synchronize()
         out["cupy_fps"] = _stats(n / t for t in _timed(on_gpu, cfg.repeats))
     out["backends"] = ["compiled", "numpy"] + (["cupy"] if chosen.xp is not np else [])
+    return out
+
+
+def _row_dark_counting(frames, dark, thresholds, cfg: Config, repeats: int, memory: dict) -> dict:
+    """The kernel with a dark and row-dark (each half-row scaled by its mean or median), on
+    one core, against the memory pass and against the numpy reference on
+    ``cfg.stempy_frames`` of the frames (seconds a call)."""
+    from .compiled import CompiledCounter
+    from .counting import ElectronCounter
+
+    out = {}
+    for statistic in ("mean", "median"):
+        ours = CompiledCounter(thresholds, dark, row_dark=statistic)
+        reference = ElectronCounter(thresholds, dark, row_dark=statistic)
+        ours.count(frames[:1])                   # loaded before it is timed
+        k = cfg.stempy_frames
+        compiled = _stats(len(frames) / t for t in _timed(lambda: ours.count(frames), repeats))
+        out[statistic] = {"compiled_fps": compiled, "ratio_to_memory_pass": _rate(compiled) / _rate(memory),
+                          "numpy_fps": _stats(k / t for t in _timed(lambda: reference.count(frames[:k]),
+                                                                    cfg.repeats))}
+        out[statistic]["speedup_vs_numpy"] = _rate(compiled) / _rate(out[statistic]["numpy_fps"])
     return out
 
 
@@ -893,6 +915,12 @@ def table(record: dict) -> str:
                     f"{_rate(k['compiled_fps']):,.0f} frames/s",
                     f"memory pass {_rate(figures['memory_pass_fps']):,.0f} frames/s",
                     bounded(k['ratio_to_memory_pass']))
+        for statistic, k in c.get("row_dark", {}).items():     # not in the records before run Q
+            row(f"counting, compiled, 150 e-/frame, dark, row-dark by the {statistic} (1 core)",
+                f"{_rate(k['compiled_fps']):,.0f} frames/s",
+                f"memory pass {_rate(c['memory_pass_fps']):,.0f} frames/s", bounded(k["ratio_to_memory_pass"]))
+            row("  against the numpy reference", f"{_rate(k['compiled_fps']):,.0f} frames/s",
+                f"numpy {_rate(k['numpy_fps']):,.0f} frames/s", f"{k['speedup_vs_numpy']:.1f}x")
         if "threads" in c:
             t = c["threads"]
             row(f"  150 e-/frame, dark, 1 vs {t['cpus']} threads",

@@ -21,8 +21,8 @@ a mispredicted branch costs more than the arithmetic; :func:`_window_wins`); the
 lines of the dark and gain those windows read are asked for one block with
 candidates ahead (:func:`_count`). The frame's border pixels go one neighbour at
 a time (:func:`_block_events`). With row-dark (a scale for each half-row of each
-frame) every pixel is a candidate, and a frame's values and maxima are computed
-whole, in two loops (:func:`_row_dark_events`).
+frame) every pixel is a candidate: a frame's factors are computed first, then its
+values and maxima row by row, with no branch on the values (:func:`_row_dark_events`).
 While it scans, it asks for the frames' bytes ``AHEAD`` pixels before it reaches
 them (a software prefetch: non-temporal on AMD Zen, into the second-level cache
 elsewhere, :func:`prefetch_locality`), which keeps a core's reads of memory in
@@ -430,43 +430,154 @@ def _prefetch_windows(window, gain_inv, start, found):
         _prefetch(window, pair * (j + FRAME_COLS - 1))
 
 
+@intrinsic
+def _ones(typingctx, bits):
+    """The number of set bits of a uint64 (LLVM's ``ctpop``)."""
+    if bits != types.uint64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+        return builder.call(ctpop, args)
+    return types.uint64(bits), codegen
+
+
+#: Pixels of a half-row, the unit of the row-dark correction, and how many of them its
+#: last 64-pixel block (from pixel 224) shares with the one before (from 192).
+_HALF_ROW = FRAME_COLS // 2
+_OVERLAP = 4 * BLOCK - (_HALF_ROW - BLOCK)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _leaf_sum(raw, start, n):
+    """numpy's float32 sum of ``raw[start:start + n]`` (8 <= n <= 128, a multiple of 8): the
+    leaf of its pairwise summation, eight accumulators combined as a tree."""
+    x = raw[start:start + n]
+    r0, r1, r2, r3 = np.float32(x[0]), np.float32(x[1]), np.float32(x[2]), np.float32(x[3])
+    r4, r5, r6, r7 = np.float32(x[4]), np.float32(x[5]), np.float32(x[6]), np.float32(x[7])
+    for i in range(8, n, 8):
+        r0, r1, r2, r3 = r0 + np.float32(x[i]), r1 + np.float32(x[i + 1]), r2 + np.float32(x[i + 2]), r3 + np.float32(x[i + 3])
+        r4, r5, r6, r7 = r4 + np.float32(x[i + 4]), r5 + np.float32(x[i + 5]), r6 + np.float32(x[i + 6]), r7 + np.float32(x[i + 7])
+    return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _half_row_mean(raw, start):
+    """The mean of the 288 pixels ``raw[start:]`` as the reference's float32 ``mean`` gives it.
+    Their sum is summed exactly in integers; below 2**24 every partial sum of numpy's is
+    exact in float32 too, so that is numpy's sum. Above (a half-row averaging more than
+    58,254 ADU) numpy's pairwise float32 sum is followed: 288 = 2 x 2 x 72, leaves of
+    eight accumulators. The float64 quotient rounded to float32 is the correctly rounded
+    float32 quotient, as numpy's."""
+    x = raw[start:start + _HALF_ROW]
+    total = np.int32(0)
+    for c in range(_HALF_ROW):
+        total += np.int32(x[c])
+    if total < (1 << 24):
+        return np.float32(np.float64(total) / _HALF_ROW)
+    q = _HALF_ROW // 4
+    pairwise = ((_leaf_sum(raw, start, q) + _leaf_sum(raw, start + q, q))
+                + (_leaf_sum(raw, start + 2 * q, q) + _leaf_sum(raw, start + 3 * q, q)))
+    return np.float32(np.float64(pairwise) / _HALF_ROW)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _order_statistic(raw, start, k):
+    """The ``k``-th smallest (from 0) of the 288 pixels ``raw[start:]``: the largest value v
+    with at most k pixels below it, by bisection over the uint16 range, each step counting
+    the pixels below v with five 64-lane compares (the last block overlaps the fourth by
+    32 pixels, which are not counted twice)."""
+    lo, hi = 0, 0xFFFF
+    while lo < hi:
+        v = np.uint16((lo + hi + 1) >> 1)
+        at_least = (_ones(_at_least(raw, start, v)) + _ones(_at_least(raw, start + BLOCK, v))
+                    + _ones(_at_least(raw, start + 2 * BLOCK, v)) + _ones(_at_least(raw, start + 3 * BLOCK, v))
+                    + _ones(_at_least(raw, start + _HALF_ROW - BLOCK, v) >> np.uint64(_OVERLAP)))
+        if _HALF_ROW - np.int64(at_least) <= k:
+            lo = np.int64(v)
+        else:
+            hi = np.int64(v) - 1
+    return lo
+
+
 @numba.njit(nogil=True, cache=True)
-def _row_dark_events(raw, dark, gain_inv, scale, bg, xr, values, out, total):
-    """The events of frame ``raw`` (331776,) with row-dark ``scale`` (576, 2), stored at
-    ``out[total:]``; returns the new total. With row-dark every pixel is a candidate, so
-    the frame is done whole, in two loops with no branch on the values: each pixel's
-    value, float32 ``max((raw - dark) * scale [* gain_inv], 0)`` kept where ``bg < v <
-    xr`` compared in float32 (as the reference), into ``values`` (578, 578) float32, whose
-    border stays 0 (a neighbour outside the frame, which no value > 0 can lose to), then
-    each value against the largest of its 8 neighbours: 580-640 frames/s on one core of
-    the Intel VM of 2026-11-28, where one pixel at a time ran at 35 (and numpy's
-    whole-frame reference at 100-120)."""
-    low, high = np.float32(bg), np.float32(xr)
-    half = FRAME_COLS // 2
+def _row_dark_scale(raw, median, mu, scale):
+    """The row-dark factors of frame ``raw`` (331776,) into ``scale`` (576, 2) float32, as the
+    reference's :meth:`~fourdstream.counting.ElectronCounter.row_dark_scale` gives them, bit
+    for bit: ``mu / max(S, 1e-6)`` in float32, S each half-row's mean, or with ``median``
+    its median (the mean of its 144th and 145th smallest, exact in float32)."""
     for r in range(FRAME_ROWS):
         for h in range(2):
-            s = scale[r, h]
-            for c in range(h * half, (h + 1) * half):
-                j = r * FRAME_COLS + c
-                w = (np.float32(raw[j]) - dark[j]) * s
-                if gain_inv is not None:
-                    w = w * gain_inv[j]
-                w = max(w, np.float32(0))
-                values[r + 1, c + 1] = w if (low < w) & (w < high) else np.float32(0)
+            start = r * FRAME_COLS + h * _HALF_ROW
+            if median:
+                stat = np.float32((_order_statistic(raw, start, _HALF_ROW // 2 - 1)
+                                   + _order_statistic(raw, start, _HALF_ROW // 2)) / 2)
+            else:
+                stat = _half_row_mean(raw, start)
+            scale[r, h] = mu / max(stat, np.float32(1e-6))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _row_dark_values(raw, dark, gain_inv, scale, r, low, high, values):
+    """Row ``r``'s values with row-dark into ``values[1:577]``: float32 ``max((raw - dark) *
+    scale [* gain_inv], 0)``, kept where ``low < v < high`` (compared in float32, as the
+    reference), else 0."""
+    zero = np.float32(0)
+    for h in range(2):
+        s = scale[r, h]
+        at = r * FRAME_COLS + h * _HALF_ROW
+        x, d = raw[at:at + _HALF_ROW], dark[at:at + _HALF_ROW]
+        g = gain_inv[at:at + _HALF_ROW] if gain_inv is not None else None
+        v = values[1 + h * _HALF_ROW:1 + (h + 1) * _HALF_ROW]
+        for c in range(_HALF_ROW):
+            w = (np.float32(x[c]) - d[c]) * s
+            if g is not None:
+                w = w * g[c]
+            w = max(w, zero)
+            v[c] = w if (low < w) & (w < high) else zero
+
+
+@numba.njit(nogil=True, cache=True)
+def _row_dark_events(raw, dark, gain_inv, median, mu, bg, xr, scale, rows, winners, out, total):
+    """The events of frame ``raw`` (331776,) with row-dark, stored at ``out[total:]``; returns
+    the new total. With row-dark every pixel is a candidate, so the frame is done whole,
+    with no branch on the values: its half-rows' factors (:func:`_row_dark_scale`, into
+    ``scale`` (576, 2)), then row by row each value against the largest of its 8
+    neighbours, three rows of values held in ``rows`` (3, 578) float32 (their ends 0: a
+    neighbour outside the frame, which no value > 0 can lose to), the row's events in
+    ``winners`` (576,) bool. 2,400-3,600 frames/s on one core of the Intel VM of
+    2026-11-28 (mean or median, with or without a gain), where the numpy factors and a
+    whole-frame values buffer ran at 200 (median) to 800 (mean), one pixel at a time at
+    35, and numpy's whole-frame reference at 100-120."""
+    low, high = np.float32(bg), np.float32(xr)
+    _row_dark_scale(raw, median, mu, scale)
+    rows[:] = 0
+    _row_dark_values(raw, dark, gain_inv, scale, 0, low, high, rows[1])
     for r in range(FRAME_ROWS):
-        above, own, below = values[r], values[r + 1], values[r + 2]
+        above, own, below = rows[r % 3], rows[(r + 1) % 3], rows[(r + 2) % 3]
+        if r + 1 < FRAME_ROWS:
+            _row_dark_values(raw, dark, gain_inv, scale, r + 1, low, high, below)
+        else:
+            below[:] = 0
+        found = 0
         for c in range(FRAME_COLS):
             top = max(max(max(above[c], above[c + 1]), max(above[c + 2], own[c])),
                       max(max(own[c + 2], below[c]), max(below[c + 1], below[c + 2])))
-            if total < out.shape[0]:    # stored, and counted only if it is an event: no branch
-                out[total] = r * FRAME_COLS + c
-            total += own[c + 1] > top
+            winners[c] = own[c + 1] > top
+            found += winners[c]
+        if found:
+            for c in range(FRAME_COLS):
+                if winners[c]:
+                    if total < out.shape[0]:
+                        out[total] = r * FRAME_COLS + c
+                    total += 1
     return total
 
 
 @numba.njit(nogil=True, cache=True)
-def _count(frames, index, floor, below, offset, limit, dark, gain_inv, window, scales, bg, xr, low, high,
-           out, offsets):
+def _count(frames, index, floor, below, offset, limit, dark, gain_inv, window, row_dark_median, mu, bg, xr,
+           low, high, out, offsets):
     """Events of the frames ``frames[index]`` into ``out``; ``offsets`` (n + 1,) filled.
 
     ``frames``: (m, 331776) uint16 (a batch, or a pool of frame buffers: nothing is
@@ -478,7 +589,8 @@ def _count(frames, index, floor, below, offset, limit, dark, gain_inv, window, s
     ``offset``: ``floor(bg) + 1``; ``limit``: ``ceil(xr) - offset`` as uint16 (the
     integer path's); ``dark``, ``gain_inv``: float32 (331776,) or None; ``window``: what
     :func:`_window_wins` reads (the dark, or (dark, gain_inv) pairs with a gain);
-    ``scales``: row-dark factors (n, 576, 2) or None; ``bg``, ``xr``: the thresholds
+    ``row_dark_median``: None without row-dark, else whether its half-row statistic is the
+    median (else the mean), and ``mu`` (float32) its optimized mean; ``bg``, ``xr``: the thresholds
     (float64), ``low``, ``high``: the same rounded outward to float32. Returns the
     number of events; when it exceeds ``len(out)`` the events past the end were not
     stored (call again with a larger ``out``).
@@ -502,12 +614,16 @@ def _count(frames, index, floor, below, offset, limit, dark, gain_inv, window, s
     """
     n = index.shape[0]
     total = 0
-    values = np.zeros((FRAME_ROWS + 2, FRAME_COLS + 2), np.float32) if scales is not None else None
+    if row_dark_median is not None:     # the row-dark path's buffers
+        scale = np.empty((FRAME_ROWS, 2), np.float32)
+        rows = np.empty((3, FRAME_COLS + 2), np.float32)
+        winners = np.empty(FRAME_COLS, np.bool_)
     for i in range(n):
         offsets[i] = total
         raw = frames[index[i]]
-        if scales is not None:       # row-dark: every pixel is a candidate
-            total = _row_dark_events(raw, dark, gain_inv, scales[i], bg, xr, values, out, total)
+        if row_dark_median is not None:       # every pixel is a candidate
+            total = _row_dark_events(raw, dark, gain_inv, row_dark_median, mu, bg, xr, scale, rows, winners,
+                                     out, total)
             continue
         following = frames[index[i + 1]] if i + 1 < n else raw
         pending, pending_start = np.uint64(0), 0        # the float path's candidates left to compare
@@ -729,12 +845,13 @@ class CompiledCounter(ElectronCounter):
         stack = np.ascontiguousarray(frames).reshape(len(frames), FRAME_PIXELS)
         index = np.arange(len(frames)) if index is None else frame_index(index, len(frames))
         n = len(index)
-        scales = self.row_dark_scale(frames[index]) if self.row_dark is not None else None
+        median = None if self.row_dark is None else self.row_dark == "median"
         offsets = np.zeros(n + 1, np.int64)
         out = np.empty(max(n, 1) * _EVENTS_PER_FRAME, np.uint32)
         while True:
             total = _count(stack, index, self._floor_table, self._below, self._offset, self._limit, self._dark_f,
-                           self._gain, self._window, scales, float(self.thresholds.background),
+                           self._gain, self._window, median, np.float32(self.optimized_mean),
+                           float(self.thresholds.background),
                            float(self.thresholds.xray), self._low, self._high, out, offsets)
             if total <= len(out):
                 return out[:total].copy(), offsets

@@ -44,6 +44,12 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
     # One memory pass for every dose: the fastest read of any dose (the same bytes' size)
     reads = [r for f in c["by_dose"].values() for r in f["reads_fps"].values()]
     assert all(f["memory_pass_fps"] == max(reads, key=lambda r: r["max"]) for f in c["by_dose"].values())
+    for statistic in ("mean", "median"):      # row-dark, at 150 e-/frame with a dark
+        r = c["row_dark"][statistic]
+        assert _is_stats(r["compiled_fps"]) and _is_stats(r["numpy_fps"])
+        assert r["ratio_to_memory_pass"] == pytest.approx(r["compiled_fps"]["max"] / c["memory_pass_fps"]["max"])
+        assert r["speedup_vs_numpy"] == pytest.approx(r["compiled_fps"]["max"] / r["numpy_fps"]["max"])
+        assert f"dark, row-dark by the {statistic} (1 core)" in bench.table(record)
     assert c["compile_seconds"]["uncached"] > 0 and c["compile_seconds"]["cached"] > 0
     assert c["prefetch"] == {"cpu": compiled.TARGET_CPU, "locality": compiled.PREFETCH_LOCALITY}
     assert f"for CPU {compiled.TARGET_CPU}, prefetch locality {compiled.PREFETCH_LOCALITY}" in bench.table(record)

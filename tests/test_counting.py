@@ -401,6 +401,29 @@ def test_block_compares_equal_numpy():
         assert np.array_equal(got[:, k], want), k
 
 
+def test_compiled_row_dark_factors_equal_the_reference_bit_for_bit():
+    """The compiled kernel's half-row factors, from the mean and from the median, equal the
+    reference's (numpy's float32 mean and median) bit for bit: on frames over the whole
+    uint16 range, near its top (half-row sums above 2**24, where numpy's pairwise float32
+    sum rounds), of Poisson noise, of a few distinct values (medians among ties) and of
+    zeros (the 1e-6 floor)."""
+    from fourdstream.compiled import _row_dark_scale
+
+    rng = np.random.default_rng(11)
+    frames = [rng.integers(0, 0x10000, (576, 576)), rng.integers(0xFF00, 0x10000, (576, 576)),
+              rng.poisson(rng.uniform(0, 500, (576, 1)), (576, 576)), rng.integers(0, 3, (576, 576)) * 30000,
+              np.zeros((576, 576))]
+    for k, frame in enumerate(frames):
+        frame = frame.astype(np.uint16)
+        for statistic in ("mean", "median"):
+            mu = float(rng.uniform(1, 100))
+            reference = ElectronCounter(Thresholds(1.0, 2.0), row_dark=statistic,
+                                        optimized_mean=mu).row_dark_scale(frame[None])[0]
+            ours = np.empty((576, 2), np.float32)
+            _row_dark_scale(frame.ravel(), statistic == "median", np.float32(mu), ours)
+            assert np.array_equal(ours, reference), (k, statistic)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_compiled_kernel_equals_the_array_module_kernel_on_random_set_ups(seed):
     """Random set-ups, 8 each (seeded): sparse or dense frames with values added on the
@@ -429,17 +452,19 @@ def test_compiled_kernel_equals_the_array_module_kernel_on_random_set_ups(seed):
 
 
 @pytest.mark.parametrize("kind", [float, np.float64], ids=["python-float", "numpy-float64"])
-def test_row_dark_compares_in_float32_whatever_the_thresholds_type(Counter, kind, monkeypatch):
+def test_row_dark_compares_in_float32_whatever_the_thresholds_type(Counter, kind):
     """With row-dark the values are compared with the thresholds in float32, in both
     kernels, whether the thresholds are Python floats or numpy float64 (numpy >= 2
     compares a float32 with the latter in float64): a value of 10 against a bg one
-    float64 ulp below 10 (10 in float32) is not kept. The half-rows' scales are made 1."""
-    monkeypatch.setattr(ElectronCounter, "row_dark_scale",
-                        lambda self, frames: np.ones((len(frames), 576, 2), np.float32))
-    frames = np.zeros((1, 576, 576), np.uint16)
-    frames[0, 100, 100:500:4] = 10
-    frames[0, 200, 100:500:4] = 12
+    float64 ulp below 10 (10 in float32) is not kept, a value of 12 is. Every half-row
+    holds 36 tens and 36 twelves, every 4th pixel (offset by 2 on odd rows: no two are
+    neighbours), so with an optimized mean of 2.75, their mean, every factor is 1."""
+    frame = np.zeros((576, 576), np.uint16)
+    for r in range(576):
+        frame[r, 2 * (r % 2)::4] = np.tile(np.array([10, 12], np.uint16), 72)
     bg = kind(np.nextafter(10.0, -np.inf))
-    counter = Counter(Thresholds(bg, kind(100.0)), np.zeros((576, 576), np.float32), row_dark="mean")
-    ours = events_per_frame(counter, frames)[0]
-    assert ours.tolist() == [200 * 576 + c for c in range(100, 500, 4)]
+    counter = Counter(Thresholds(bg, kind(100.0)), np.zeros((576, 576), np.float32), row_dark="mean",
+                      optimized_mean=2.75)
+    assert np.array_equal(counter.row_dark_scale(frame[None]), np.ones((1, 576, 2), np.float32))
+    ours = events_per_frame(counter, frame[None])[0]
+    assert ours.tolist() == np.flatnonzero(frame == 12).tolist()
