@@ -454,12 +454,11 @@ def _leaf_sum(raw, start, n):
     """numpy's float32 sum of ``raw[start:start + n]`` (8 <= n <= 128, a multiple of 8): the
     leaf of its pairwise summation, eight accumulators combined as a tree."""
     x = raw[start:start + n]
-    r0, r1, r2, r3 = np.float32(x[0]), np.float32(x[1]), np.float32(x[2]), np.float32(x[3])
-    r4, r5, r6, r7 = np.float32(x[4]), np.float32(x[5]), np.float32(x[6]), np.float32(x[7])
+    r = x[:8].astype(np.float32)
     for i in range(8, n, 8):
-        r0, r1, r2, r3 = r0 + np.float32(x[i]), r1 + np.float32(x[i + 1]), r2 + np.float32(x[i + 2]), r3 + np.float32(x[i + 3])
-        r4, r5, r6, r7 = r4 + np.float32(x[i + 4]), r5 + np.float32(x[i + 5]), r6 + np.float32(x[i + 6]), r7 + np.float32(x[i + 7])
-    return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        for lane in range(8):
+            r[lane] += np.float32(x[i + lane])
+    return ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -541,15 +540,16 @@ def _row_dark_values(raw, dark, gain_inv, scale, r, low, high, values):
 @numba.njit(nogil=True, cache=True)
 def _row_dark_events(raw, dark, gain_inv, median, mu, bg, xr, scale, rows, winners, out, total):
     """The events of frame ``raw`` (331776,) with row-dark, stored at ``out[total:]``; returns
-    the new total. With row-dark every pixel is a candidate, so the frame is done whole,
-    with no branch on the values: its half-rows' factors (:func:`_row_dark_scale`, into
-    ``scale`` (576, 2)), then row by row each value against the largest of its 8
+    the new total. With row-dark every pixel is a candidate, so the frame is done whole:
+    its half-rows' factors (:func:`_row_dark_scale`, into ``scale`` (576, 2)), then row
+    by row, with no branch on the values, each value against the largest of its 8
     neighbours, three rows of values held in ``rows`` (3, 578) float32 (their ends 0: a
-    neighbour outside the frame, which no value > 0 can lose to), the row's events in
-    ``winners`` (576,) bool. 2,400-3,600 frames/s on one core of the Intel VM of
-    2026-11-28 (mean or median, with or without a gain), where the numpy factors and a
-    whole-frame values buffer ran at 200 (median) to 800 (mean), one pixel at a time at
-    35, and numpy's whole-frame reference at 100-120."""
+    neighbour outside the frame, which no value > 0 can lose to), the row's events
+    marked in ``winners`` (576,) bool and stored where the row has any. 2,200-3,700
+    frames/s on one core of the Intel VM of 2026-11-28 (mean or median, with or without
+    a gain, 15 to 1,500 e-/frame), where the numpy factors and a whole-frame values
+    buffer ran at 200 (median) to 800 (mean), one pixel at a time at 35, and numpy's
+    whole-frame reference at 100-120."""
     low, high = np.float32(bg), np.float32(xr)
     _row_dark_scale(raw, median, mu, scale)
     rows[:] = 0
