@@ -22,7 +22,8 @@ lines of the dark and gain those windows read are asked for one block with
 candidates ahead (:func:`_count`). The frame's border pixels go one neighbour at
 a time (:func:`_block_events`). With row-dark (a scale for each half-row of each
 frame) every pixel is a candidate: a frame's factors are computed first, then its
-values and maxima row by row, with no branch on the values (:func:`_row_dark_events`).
+values and maxima row by row, compared with no branch on the values
+(:func:`_row_dark_events`).
 While it scans, it asks for the frames' bytes ``AHEAD`` pixels before it reaches
 them (a software prefetch: non-temporal on AMD Zen, into the second-level cache
 elsewhere, :func:`prefetch_locality`), which keeps a core's reads of memory in
