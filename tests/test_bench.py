@@ -5,6 +5,7 @@ import os
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,6 +189,31 @@ def test_evicted_files_leave_the_page_cache(tmp_path):
     assert resident() == 8 << 20
     assert bench._evict([path]) == 0
     assert resident() == 0
+
+
+def test_page_cache_runs_follow_a_whole_read_and_disk_runs_an_eviction(tmp_path):
+    """Every page-cache run of the count command's stage (the read ceiling's and the
+    command's alike) comes right after one read of every byte of the files, whichever run
+    came before it; every disk run after their eviction."""
+    paths = [tmp_path / f"raw{k}.data" for k in range(2)]
+    for k, path in enumerate(paths):
+        path.write_bytes(np.random.default_rng(k).bytes((8 << 20) + 4096 * k + 1))
+    still_cached = []
+    before = bench._page_cache_states(["read", "ours", "cold_read", "cold_ours"], paths, still_cached)
+    assert set(before) == {"read", "ours", "cold_read", "cold_ours"}
+
+    def bytes_read():     # what this process has read through system calls so far
+        return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+    for name in ("read", "ours"):
+        start = bytes_read()
+        before[name]()
+        assert bytes_read() - start >= sum(p.stat().st_size for p in paths)
+    for name in ("cold_read", "cold_ours"):
+        start = bytes_read()
+        before[name]()
+        assert bytes_read() - start < 1 << 20
+    assert still_cached in ([0, 0], [None, None])      # None: no fincore to check with
 
 
 def test_files_that_cannot_be_evicted_are_reported(record):
