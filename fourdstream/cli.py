@@ -151,8 +151,9 @@ counting_options = _option_group(
                           "array-module reference; auto = gpu if a CUDA device answers, else cpu."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Frames counted per batch. Default: 32 when receiving; when counting files, "
-                          "as many as fit in half of a CPU's share of its last-level cache, "
-                          "8 to 32 (a batch read from files stays in the cache until counted)."),
+                          "64 with the compiled kernel (it reads each frame as it counts it), else as "
+                          "many as fit in half of a CPU's share of its last-level cache, 8 to 32 (a "
+                          "batch read from files stays in the cache until counted)."),
         click.option("--virtual-detectors", default=None, metavar="CX,CY,BF,ADF_IN,ADF_OUT",
                      help="The scan images' virtual detectors, whole pixels: centre, BF disc radius, "
                           "ADF ring radii. Default: found from each scan's summed pattern."),

@@ -18,7 +18,7 @@ from . import __version__, backend
 from .calibrate import (DEFAULT_BACKGROUND_SIGMA, DEFAULT_SAMPLE_FRAMES, DEFAULT_SAMPLES,
                         DEFAULT_XRAY_SIGMA, Calibration, calibrate, plan_samples)
 from .counting import ElectronCounter, Thresholds, frame_index
-from .detector import COMPLETE_MASK, FRAME_SHAPE
+from .detector import COMPLETE_MASK, FRAME_PIXELS, FRAME_SHAPE, N_SECTORS
 from .references import load_reference
 from .sparse import CountedFrames
 
@@ -43,7 +43,7 @@ class CountingOptions:
     gain: str | None = None
     row_dark: str | None = None
     backend: str = "auto"
-    batch_size: int | None = None        #: None: RECEIVE_BATCH, or offline.read_batch by the CPU cache
+    batch_size: int | None = None        #: None: RECEIVE_BATCH, or offline.SECTORS_BATCH / read_batch
     virtual_detectors: str | None = None   #: "CX,CY,BF,ADF_IN,ADF_OUT" pixels, or found per scan
 
     def __post_init__(self):
@@ -140,11 +140,22 @@ class ScanCounting:
         return self.counter_class(thresholds, self.dark, self.gain, row_dark=self.options.row_dark,
                                   xp=self.xp)
 
-    def warm_up(self) -> None:
+    @property
+    def reads_sectors(self) -> bool:
+        """Whether the counter can read frames from raw files itself (:meth:`count_sectors`)."""
+        return hasattr(self.counter_class, "count_sectors")
+
+    def warm_up(self, sectors: bool = False) -> None:
         """Load the kernel for this set-up (its references' kinds) from numba's cache, or
         compile it, now: counts a blank frame with stand-in thresholds, so that no batch of
-        a scan pays it (the compiled kernel is compiled once per kind of set-up)."""
-        self._make_counter(Thresholds(1.0, 2.0)).count(self.xp.zeros((1,) + FRAME_SHAPE, np.uint16))
+        a scan pays it (the compiled kernel is compiled once per kind of set-up).
+        ``sectors``: the kernel of :meth:`count_sectors` instead (a frame of missing sectors)."""
+        counter = self._make_counter(Thresholds(1.0, 2.0))
+        if sectors:
+            missing = np.full((1, N_SECTORS), -1, np.int64)
+            counter.count_sectors(missing, missing, 5, np.empty((2, FRAME_PIXELS), np.uint16))
+        else:
+            counter.count(self.xp.zeros((1,) + FRAME_SHAPE, np.uint16))
 
     def plan_samples(self, frame_numbers, masks):
         """Sample plan ``(frame_numbers, weights)`` from the scan's frame table."""
@@ -169,13 +180,28 @@ class ScanCounting:
     def count(self, frames, frame_number, position, mask, index=None) -> CountedFrames:
         """Count a batch of frames (n, 576, 576) uint16 with the scan's thresholds, or with
         ``index`` (n,) the frames ``frames[index]`` of a larger stack (a frame pool's)."""
+        if index is not None and self.xp is not np:     # only the batch goes to the device
+            frames, index = frames[frame_index(index, len(frames))], None
+        return self._counted(self._ready().count(self.xp.asarray(frames), index), frame_number, position, mask)
+
+    def count_sectors(self, fds, at, version, frames, frame_number, position, mask) -> CountedFrames | None:
+        """Count n frames read from raw files as the counter reads them (where
+        :attr:`reads_sectors`; the arguments as
+        :meth:`fourdstream.compiled.CompiledCounter.count_sectors`'s, then each frame's
+        number, position and sector mask); None when a sector could not be read whole."""
+        counted = self._ready().count_sectors(fds, at, version, frames)
+        return None if counted is None else self._counted(counted, frame_number, position, mask)
+
+    def _ready(self) -> ElectronCounter:
         if self.calibration is None:
             raise RuntimeError("thresholds are not known yet: calibrate() first")
         if self._counter is None:
             self._counter = self._make_counter(self.calibration.thresholds)
-        if index is not None and self.xp is not np:     # only the batch goes to the device
-            frames, index = frames[frame_index(index, len(frames))], None
-        events, offsets = self._counter.count(self.xp.asarray(frames), index)
+        return self._counter
+
+    @staticmethod
+    def _counted(counted, frame_number, position, mask) -> CountedFrames:
+        events, offsets = counted
         return CountedFrames(backend.to_numpy(events), backend.to_numpy(offsets),
                              np.asarray(frame_number, np.uint32), np.asarray(position, np.int64),
                              np.asarray(mask, np.uint8))

@@ -24,7 +24,9 @@ Reading is done in two steps so that memory stays bounded for scans larger than 
    follow each other in a file are read with one call (their headers into a
    scratch buffer): a batch of 8 frames written by 2 DAQ threads per sector is
    8 calls, not 32. Missing sectors are zeros and are flagged in the per-frame
-   sector mask.
+   sector mask. Or :meth:`RawScan.sectors` gives where the requested frames'
+   sectors lie (open files, byte offsets), for the compiled kernel to read each
+   frame itself as it counts it.
 """
 
 from __future__ import annotations
@@ -418,6 +420,29 @@ class RawScan:
             for m, target in enumerate(detector.split_sectors(out, self.version)):
                 target[...] = bands[:, m]
         return FrameBatch(out, self.frame_number[idx], self.position[idx], self.mask[idx])
+
+    def sectors(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the sectors of the frames ``index`` (into the position-ordered frame
+        table) are: ``(fds, at)``, both (n, 4) int64, the open file holding frame ``i``'s
+        sector ``m`` (-1 where it is missing) and the byte its payload starts at (what
+        :meth:`fourdstream.compiled.CompiledCounter.count_sectors` reads, a sector at a
+        time, later). The kernel is told of each run of their records in a file
+        (``posix_fadvise(WILLNEED)``, which queues its reads and returns), so that a disk
+        serves it in large requests, as :meth:`read`'s one call a run does, whatever the
+        device's read-ahead: from the disk of the Intel Xeon VM with its read-ahead set
+        to 128 kB, ``fourdstream count`` of 8,190 frames read a sector at a time took
+        6.25 s without it, 4.97 s with it, and 4.63 s reading batches whole (medians of 6;
+        4.2, 4.1 and 4.0 s with its own 8 MB). From the page cache it costs nothing
+        measurable."""
+        file_id, rec = self._loc[index, :, 0].ravel(), self._loc[index, :, 1].ravel()
+        record = self._rec_dtype.itemsize
+        fd_of = np.full(len(self.files) + 1, -1, np.int64)       # file id -1 -> -1
+        for run in _record_runs(file_id, rec):
+            fd = fd_of[file_id[run[0]]] = self._fd(int(file_id[run[0]]))
+            first, size = int(rec[run[0]]) * record, len(run) * record
+            os.posix_fadvise(fd, first, size, os.POSIX_FADV_WILLNEED)
+        shape = (len(file_id) // N_SECTORS, N_SECTORS)
+        return fd_of[file_id].reshape(shape), (rec * record + detector.HEADER_DTYPE.itemsize).reshape(shape)
 
     def _read_run(self, file_id: int, first: int, sectors: list) -> None:
         """Read the payloads of the consecutive records ``first, first + 1, ...`` of file

@@ -195,10 +195,12 @@ def test_the_program_runs_blas_on_the_calling_thread():
     assert out == ["None"]                   # OpenMP threads of other tools are theirs to choose
 
 
-def test_batch_size_defaults_are_the_ones_help_states(small_scan):
-    """`--batch-size` unset: count reads and counts the frames that fit in half of a CPU's
-    share of the last-level cache, 8 to 32, at a time; the receiver 32."""
-    from fourdstream.offline import READ_BATCH, count_raw_scan, last_level_cache, read_batch
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_batch_size_defaults_are_the_ones_help_states(small_scan, backend):
+    """`--batch-size` unset: count takes 64 frames at a time with the compiled kernel, which
+    reads each frame itself; with another kernel, the frames that fit in half of a CPU's
+    share of the last-level cache, 8 to 32; the receiver 32."""
+    from fourdstream.offline import READ_BATCH, SECTORS_BATCH, count_raw_scan, last_level_cache, read_batch
     from fourdstream.pipeline import CountingOptions, ScanCounting
     from fourdstream.rawfile import RawScan
     from fourdstream.receive import RECEIVE_BATCH
@@ -206,15 +208,17 @@ def test_batch_size_defaults_are_the_ones_help_states(small_scan):
     folder, _, _ = small_scan
     scan = RawScan([folder])
     batches = []
-    result = count_raw_scan(scan, ScanCounting(CountingOptions(background_threshold=28,
-                                                               xray_threshold=700)),
-                            progress=batches.append)
-    size = read_batch(last_level_cache())
-    assert READ_BATCH == (8, 32) and 8 <= size <= 32 and result.batch_size == size
+    counting = ScanCounting(CountingOptions(background_threshold=28, xray_threshold=700, backend=backend))
+    assert counting.reads_sectors == (backend == "cpu")
+    result = count_raw_scan(scan, counting, progress=batches.append)
+    size = SECTORS_BATCH if backend == "cpu" else read_batch(last_level_cache())
+    assert SECTORS_BATCH == 64 and READ_BATCH == (8, 32) and result.batch_size == size
+    assert backend == "cpu" or 8 <= size <= 32
     assert batches == [size] * (len(scan) // size) + [len(scan) % size] * (len(scan) % size > 0)
     text = " ".join(invoke("receive", "--help").output.split())
-    assert RECEIVE_BATCH == 32 and "Default: 32 when receiving; when counting files, as many as fit " \
-        "in half of a CPU's share of its last-level cache, 8 to 32" in text
+    assert RECEIVE_BATCH == 32 and "Default: 32 when receiving; when counting files, 64 with the compiled " \
+        "kernel (it reads each frame as it counts it), else as many as fit in half of a CPU's share of " \
+        "its last-level cache, 8 to 32" in text
 
 
 def test_the_read_batch_follows_the_last_level_cache(tmp_path):

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -468,3 +470,40 @@ def test_row_dark_compares_in_float32_whatever_the_thresholds_type(Counter, kind
     assert np.array_equal(counter.row_dark_scale(frame[None]), np.ones((1, 576, 2), np.float32))
     ours = events_per_frame(counter, frame[None])[0]
     assert ours.tolist() == np.flatnonzero(frame == 12).tolist()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+@pytest.mark.parametrize("dark,gain,row_dark", [(False, False, None), (True, True, None), (True, False, "mean")])
+def test_compiled_kernel_reading_raw_files_counts_each_frame_as_assembled(tmp_path, version, dark, gain, row_dark):
+    """``count_sectors`` (each frame read from the files by the kernel and counted at once)
+    gives the events of the array-module kernel on the simulator's frames, with the
+    sectors of a deleted file zero-filled, in both sector layouts; a file cut short
+    after indexing gives None (the offline count then reads the frames to say why)."""
+    from fourdstream.detector import sector_slice
+    from fourdstream.rawfile import RawScan, RawScanWriter, raw_filename
+
+    sim = Simulator(ScanGeometry(4, 3), dose=150, seed=version, pattern="disc")
+    frames = sim.frames(0, 12)[0]
+    with RawScanWriter(tmp_path, 3, sim.geometry, version=version, n_dst=2) as writer:
+        writer.write(frames, np.arange(1, 13), np.arange(12))
+    (tmp_path / raw_filename(3, 2, dst=1)).unlink()         # sector 2 of frames 1, 3, 5, ...
+    expected = frames.copy()
+    expected[(slice(0, None, 2),) + sector_slice(2, version)] = 0
+    scan = RawScan([tmp_path], version=version)
+    assert list(scan.mask) == [11, 15] * 6
+    d = sim.dark if dark else None
+    g = np.random.default_rng(version).uniform(0.8, 1.25, (576, 576)).astype(np.float32) if gain else None
+    thresholds = Thresholds(21.7, 640.3)
+    counter = CompiledCounter(thresholds, d, g, row_dark=row_dark)
+    buffer = np.full((2, 576 * 576), 0xABCD, np.uint16)          # stale content must not survive
+    events, offsets = counter.count_sectors(*scan.sectors(np.arange(12)), version, buffer)
+    reference = ElectronCounter(thresholds, d, g, row_dark=row_dark).count(expected)
+    assert np.array_equal(events, reference[0]) and np.array_equal(offsets, reference[1])
+    assert len(events) > 2 * len(frames)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        counter.count_sectors(*scan.sectors(np.arange(12)), version, buffer[:, ::2])
+    os.truncate(tmp_path / raw_filename(3, 0, dst=1), 100)       # after indexing
+    assert counter.count_sectors(*scan.sectors(np.arange(12)), version, buffer) is None
+    closed = np.full((1, 4), os.open(os.devnull, os.O_RDONLY), np.int64)
+    os.close(closed[0, 0])
+    assert counter.count_sectors(closed, np.zeros((1, 4), np.int64), version, buffer) is None   # EBADF

@@ -80,6 +80,45 @@ def test_file_truncated_after_indexing_is_a_clear_error(scan_copy, size, record,
         scan.read(slice(None))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+def test_count_of_a_file_cut_short_after_indexing_says_which_record(scan_copy, backend):
+    """Whichever kernel reads the frames, a file cut short between indexing and counting
+    is the reader's clear error (the record, the bytes of its sector there), not events."""
+    from fourdstream.offline import count_raw_scan
+    from fourdstream.pipeline import CountingOptions, ScanCounting
+
+    folder, _ = scan_copy
+    scan = RawScan([folder])
+    path = sorted(folder.glob("*_module1_*.data"))[0]
+    os.truncate(path, 16 + 84)
+    counting = ScanCounting(CountingOptions(background_threshold=28, xray_threshold=700, backend=backend))
+    with pytest.raises(RawFormatError, match=f"{path.name}: record 0 ends after 84 of 165888 bytes"):
+        count_raw_scan(scan, counting, threads=2)
+
+
+def test_sectors_are_where_their_payloads_lie_and_the_disk_is_told_of_each_run(small_scan, monkeypatch):
+    """``RawScan.sectors``: each (file, byte) it gives holds that frame's sector, and the
+    kernel is told of exactly those records (``WILLNEED``), one call a run of records."""
+    from fourdstream import rawfile
+    folder, frames, _ = small_scan
+    scan = RawScan([folder])
+    index = np.arange(5, 40)
+    calls = []
+    monkeypatch.setattr(rawfile.os, "posix_fadvise", lambda *args: calls.append(args))
+    fds, at = scan.sectors(index)
+    assert fds.shape == at.shape == (len(index), 4) and (fds >= 0).all()
+    advised = set()
+    for fd, offset, length, advice in calls:
+        assert advice == os.POSIX_FADV_WILLNEED and offset % REC == 0 and length % REC == 0
+        advised |= {(fd, offset + k * REC + 16) for k in range(length // REC)}
+    assert advised == set(zip(fds.ravel().tolist(), at.ravel().tolist()))      # those records, no more
+    assert len(calls) < fds.size / 4                                           # runs, not records
+    for i, k in enumerate(index):
+        for m, (rows, cols) in enumerate(detector.sector_slice(m) for m in range(4)):
+            payload = np.frombuffer(os.pread(int(fds[i, m]), detector.SECTOR_BYTES, int(at[i, m])), np.uint16)
+            assert np.array_equal(payload.reshape(detector.sector_shape()), frames[k][rows, cols])
+
+
 @pytest.mark.parametrize("iov_max", [1024, 5])
 def test_consecutive_records_of_a_file_are_read_with_one_call(small_scan, monkeypatch, iov_max):
     """Each run of consecutive records of one file is one ``preadv`` of at most IOV_MAX
