@@ -31,10 +31,11 @@ flight through the blocks it stops at.
 It counts frames where they lie (a batch, a frame pool), or reads each frame
 from the raw files itself (libc's ``pread``, a sector at a time, into a buffer of one
 frame) and counts it at once, while its bytes are in the second-level cache
-(:meth:`CompiledCounter.count_sectors`: the counting step of ``fourdstream count``
-on 8,190 frames from the page cache took 0.54 s instead of 0.71 s on 2 threads of
-the Intel Xeon VM, 1.05 s instead of 1.33 s on 1, against reading batches of 32
-frames whole, then counting them).
+(:meth:`CompiledCounter.count_sectors`: in the harness's count stage on the Intel
+Xeon VM, best of 3, the counting step of ``fourdstream count`` on 8,190 frames from
+the page cache took 0.48 s on 2 threads and 0.90 s on 1, where reading batches of 32
+frames whole and then counting them took 0.69 s and 1.26 s, and the numpy read alone
+0.42 s on 2 threads).
 It releases the GIL (``nogil``), so threads count batches in parallel, and it
 is compiled once and cached on disk next to this module (``cache=True``; set
 ``NUMBA_CACHE_DIR`` where that folder is read-only).
