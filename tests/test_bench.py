@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from fourdstream import bench, compiled
 from fourdstream.cli import main
 from fourdstream.detector import ScanGeometry
-from fourdstream.offline import last_level_cache, read_batch
+from fourdstream.offline import SECTORS_BATCH
 
 TINY = bench.Config(repeats=1, kernel_repeats=2, count_frames=24, command_frames=64, stempy_frames=2, transport_frames=60,
                     write_events=50_000, write_ranks=(1, 2), stream_scan="6x6",
@@ -76,7 +76,7 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
     assert f"its counting step, start-up etc. {k['fixed_seconds']:.2f} s apart" in bench.table(record)
     assert f"from the disk, start-up etc. {k['cold_fixed_seconds']:.2f} s apart" in bench.table(record)
     assert k["frames"] == 64 and k["speedup_vs_stempy"] > 0 and k["threads_speedup"] > 0
-    batch = read_batch(last_level_cache())         # the command's default, as it chose it
+    batch = SECTORS_BATCH       # the command's default with the compiled kernel (auto, on a CPU)
     assert k["frames_per_batch"] == [batch]
     assert f"fourdstream count, 64 frames, {k['cpus']} threads, {batch} frames a batch" in bench.table(record)
     assert k["cold_still_cached"] == 0      # the harness's folder is on a disk here
