@@ -30,7 +30,7 @@ elsewhere, :func:`prefetch_locality`), which keeps a core's reads of memory in
 flight through the blocks it stops at.
 It counts frames where they lie (a batch, a frame pool), or reads each frame
 from the raw files itself (libc's ``pread``, a sector at a time, into a buffer of one
-frame) and counts it at once, while its bytes are in the second-level cache
+frame) and counts it at once, while its bytes are in the cache
 (:meth:`CompiledCounter.count_sectors`: in the harness's count stage on the Intel
 Xeon VM, best of 3, the counting step of ``fourdstream count`` on 8,190 frames from
 the page cache took 0.48 s on 2 threads and 0.90 s on 1, where reading batches of 32

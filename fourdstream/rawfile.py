@@ -426,7 +426,7 @@ class RawScan:
         table) are: ``(fds, at)``, both (n, 4) int64, the open file holding frame ``i``'s
         sector ``m`` (-1 where it is missing) and the byte its payload starts at (what
         :meth:`fourdstream.compiled.CompiledCounter.count_sectors` reads, a sector at a
-        time, later). The kernel is told of each run of their records in a file
+        time, later). The operating system is told of each run of their records in a file
         (``posix_fadvise(WILLNEED)``, which queues its reads and returns), so that a disk
         serves it in large requests, as :meth:`read`'s one call a run does, whatever the
         device's read-ahead: from the disk of the Intel Xeon VM with its read-ahead set
