@@ -35,8 +35,9 @@ from .rawfile import RawScan
 from .route import DEFAULT_CHUNK, owner
 from .sparse import CountedFrames
 
-#: Frames a counting thread reads and counts at once by default, fewest and most
-#: (:func:`read_batch` picks between them by the CPU cache). Larger reads cost fewer
+#: Frames a counting thread reads and counts at once by default where the kernel does
+#: not read the frames itself, fewest and most (:func:`read_batch` picks between them by
+#: the CPU cache). Larger reads cost fewer
 #: system calls and hand-offs of the GIL per frame: 32 frames instead of 8 made the
 #: counting step of 8,190 frames 1.3x faster on 2 threads of the Intel Xeon VM (0.59
 #: against 0.78 s), where 48 or 64 gained nothing more. On the AMD EPYC VM, whose cache
@@ -47,12 +48,14 @@ READ_BATCH = (8, 32)
 #: Frames a counting thread takes at once where the kernel reads the frames itself: its
 #: buffer is one frame whatever the batch, which sets only the Python work per frame. On
 #: 2 threads of the Intel Xeon VM the counting step of 8,190 frames took 0.53 s with 64
-#: (median of 6), 0.55 s with 32, 0.62 s with 16; 128 and 256 gained nothing more.
+#: and 0.56 s with 32 (medians of 6, interleaved), 0.62 s with 16 (one run); 128 and 256
+#: gained nothing more (0.51-0.55 s in four runs).
 SECTORS_BATCH = 64
 
 
 def read_batch(cache: tuple[int, int] | None) -> int:
-    """Frames a counting thread reads and counts at once by default: as many as fit in
+    """Frames a counting thread reads whole and then counts by default (with a kernel that
+    does not read the frames itself, :data:`SECTORS_BATCH` otherwise): as many as fit in
     half of one CPU's share of the last-level cache (so a batch read is still in the
     cache when counted), within :data:`READ_BATCH`; the fewest when the cache is unknown.
 

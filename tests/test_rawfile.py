@@ -98,7 +98,8 @@ def test_count_of_a_file_cut_short_after_indexing_says_which_record(scan_copy, b
 
 def test_sectors_are_where_their_payloads_lie_and_the_disk_is_told_of_each_run(small_scan, monkeypatch):
     """``RawScan.sectors``: each (file, byte) it gives holds that frame's sector, and the
-    kernel is told of exactly those records (``WILLNEED``), one call a run of records."""
+    operating system is told of exactly those records (``WILLNEED``), one call a run of
+    records."""
     from fourdstream import rawfile
     folder, frames, _ = small_scan
     scan = RawScan([folder])
