@@ -67,8 +67,11 @@ def test_every_stage_reports_rates_ceilings_and_ratios(record):
                 "stempy_seconds", "cold_ours_seconds", "cold_read_seconds", "cold_read_1_thread_seconds",
                 "cold_read_double_threads_seconds",
                 "counting_step_seconds", "counting_step_1_thread_seconds", "cold_counting_step_seconds",
-                "read_step_seconds", "read_1_thread_step_seconds"):
+                "read_step_seconds", "read_1_thread_step_seconds", "start_up_seconds"):
         assert _is_stats(k[key]), key
+    # The stack's start-up alone is part of what the command does
+    assert 0 < k["start_up_seconds"]["min"] < k["ours_seconds"]["min"]
+    assert "at most, with only the start-up of numpy, click, h5py, MPI, numba and the kernel" in bench.table(record)
     for threads in ("", "1_thread_"):     # the read's own step is part of its process
         assert 0 < k[f"read_{threads}step_seconds"]["max"] < k[f"read_{threads}seconds"]["min"]
     for cold in ("", "cold_"):
@@ -261,6 +264,10 @@ def test_ratios_compare_the_best_repeats_of_stage_and_ceiling(record):
     assert k["counting_step_ratio_to_read"] == pytest.approx(ceiling / k["counting_step_seconds"]["min"])
     assert "cold_counting_step_ratio_to_read" not in k     # no ceiling in the same state from the disk
     assert k["threads_speedup"] == pytest.approx(k["ours_1_thread_seconds"]["min"] / k["ours_seconds"]["min"])
+    floor = k["start_up_seconds"]["min"]      # the bounds: that start-up and nothing else fixed
+    assert k["ratio_to_read_bound"] == pytest.approx(k["read_ceiling_seconds"] / (floor + k["read_step_ceiling_seconds"]))
+    assert k["threads_speedup_bound"] == pytest.approx(
+        (floor + k["counting_step_1_thread_seconds"]["min"]) / (floor + k["counting_step_seconds"]["min"]))
     assert k["read_threads_speedup"] == pytest.approx(k["read_1_thread_seconds"]["min"] / k["read_seconds"]["min"])
     t = st["transport"]
     assert t["ratio"] == pytest.approx(t["fourdstream_fps"]["max"] / t["raw_pyzmq_fps"]["max"])
