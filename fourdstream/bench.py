@@ -344,20 +344,19 @@ print(time.perf_counter() - start)
 #: The start-up any count on this project's stack pays before it reads a byte, in a
 #: fresh process as ``fourdstream count`` starts (its collector settings, Open MPI's
 #: singleton settings): numpy, click and h5py imported, MPI initialised, numba imported
-#: and the kernel that reads raw files loaded from numba's cache (counting a frame whose
-#: sectors are all missing). The command's own modules, index, calibration and write
-#: come on top of it.
+#: and the counting kernel loaded from numba's cache by the command's own warm-up
+#: (:meth:`~fourdstream.pipeline.ScanCounting.warm_up`). The command's other modules,
+#: index, calibration and write come on top of it.
 _START_UP = """
 import gc
 gc.set_threshold({gc_threshold})
-import click, h5py, numpy as np
+import click, h5py
 from fourdstream import launch
 launch.singleton_defaults()
 from mpi4py import MPI
-from fourdstream.compiled import CompiledCounter
-from fourdstream.counting import Thresholds
-missing = np.full((1, 4), -1, np.int64)
-CompiledCounter(Thresholds(28, 700)).count_sectors(missing, missing, 5, np.empty((2, 576 * 576), np.uint16))
+from fourdstream.pipeline import CountingOptions, ScanCounting
+counting = ScanCounting(CountingOptions())
+counting.warm_up(sectors=counting.reads_sectors)
 gc.freeze()
 """
 
